@@ -1,0 +1,83 @@
+"""The JobQueue contract: which job runs next, and when it may run."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+
+from backgrounder.clock import Clock
+
+__all__ = ["JobQueue"]
+
+
+class JobQueue(abc.ABC):
+    """Job ids waiting to run, by priority (higher first) then FIFO.
+
+    The store is the truth about a job; the queue only orders ids. A claim takes an
+    id out for ``lease_seconds``: the worker acks it once the store shows the job
+    running, and an id claimed but never acked returns by itself when the claim's
+    lease runs out, so a crash between claim and start loses nothing.
+    """
+
+    #: A short name for messages and health reports ("memory", "redis").
+    name: str = "queue"
+
+    @abc.abstractmethod
+    async def open(self, clock: Clock) -> None:
+        """Connect; raise QueueError naming the cause if the queue is unreachable."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Check the queue answers; raise QueueError if not."""
+
+    @abc.abstractmethod
+    async def push(
+        self, job_id: str, *, priority: int, delay_seconds: float = 0.0
+    ) -> None:
+        """Make ``job_id`` claimable after ``delay_seconds``.
+
+        Idempotent: an id already waiting or claimed is not added twice (a waiting
+        one takes the new priority and delay).
+        """
+
+    @abc.abstractmethod
+    async def claim(
+        self, *, worker_id: str, lease_seconds: float, timeout_seconds: float
+    ) -> str | None:
+        """Take the next claimable id, waiting up to ``timeout_seconds``.
+
+        Returns:
+            The job id, or None when nothing became claimable in time.
+        """
+
+    @abc.abstractmethod
+    async def ack(self, job_id: str) -> None:
+        """Drop a claimed id for good (the store now owns the job's fate)."""
+
+    @abc.abstractmethod
+    async def remove(self, job_id: str) -> bool:
+        """Drop a waiting id (a canceled queued job). Return True if it was there."""
+
+    @abc.abstractmethod
+    async def recover_expired(self) -> int:
+        """Return claimed ids whose claim lease ran out; return how many."""
+
+    @abc.abstractmethod
+    async def size(self) -> int:
+        """Return how many ids wait (delayed ones included, claimed ones not)."""
+
+    async def publish_cancel(self, job_id: str) -> None:
+        """Tell every worker listening that ``job_id`` should stop.
+
+        The default does nothing: workers then learn of the cancel from the store at
+        their next heartbeat. Queues shared between processes override it.
+        """
+        return None
+
+    def cancellations(self) -> AsyncIterator[str] | None:
+        """Return an async iterator of job ids whose cancel was published, or None."""
+        return None

@@ -1,0 +1,183 @@
+"""The JobStore contract: the durable truth about every job."""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import json
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from backgrounder.clock import Clock
+from backgrounder.models import Job, JobPage, JobStatus
+
+__all__ = [
+    "APPEND_ERROR",
+    "JSON_FIELDS",
+    "TIME_FIELDS",
+    "JobStore",
+    "decode_row",
+    "encode_field",
+    "from_epoch",
+    "to_epoch",
+]
+
+#: Pseudo-field for ``update``: append this ErrorInfo to ``errors`` atomically.
+APPEND_ERROR = "append_error"
+
+#: Job fields stored as JSON text.
+JSON_FIELDS = frozenset(
+    {"params", "resources", "progress", "assets", "error", "errors"}
+)
+#: Job fields stored as epoch seconds (floats).
+TIME_FIELDS = frozenset(
+    {
+        "created_at",
+        "started_at",
+        "finished_at",
+        "updated_at",
+        "lease_expires_at",
+        "run_after",
+    }
+)
+
+
+def to_epoch(value: datetime | None) -> float | None:
+    """Return epoch seconds for an aware datetime (None stays None)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError(f"datetime must be timezone-aware (got {value!r})")
+    return value.timestamp()
+
+
+def from_epoch(value: float | None) -> datetime | None:
+    """Return an aware UTC datetime for epoch seconds (None stays None)."""
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def encode_field(name: str, value: Any) -> Any:
+    """Encode one Job field for storage: JSON text, epoch float, or a plain value."""
+    if value is None:
+        return None
+    if name in JSON_FIELDS or name == APPEND_ERROR:
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json")
+        elif name == "errors":
+            value = [e.model_dump(mode="json") for e in value]
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    if name in TIME_FIELDS:
+        return to_epoch(value)
+    if name == "cancel_requested":
+        return int(bool(value))
+    if name == "status":
+        return str(value)
+    return value
+
+
+def decode_row(row: Mapping[str, Any]) -> Job:
+    """Build a Job from stored columns (JSON text and epoch floats)."""
+    data: dict[str, Any] = {}
+    for name in Job.model_fields:
+        value = row.get(name)
+        if value is None:
+            continue
+        if name in JSON_FIELDS:
+            value = json.loads(value)
+        elif name in TIME_FIELDS:
+            value = from_epoch(float(value))
+        elif name == "cancel_requested":
+            value = bool(int(value))
+        data[name] = value
+    return Job.model_validate(data)
+
+
+class JobStore(abc.ABC):
+    """Where jobs live. Every write changes only the fields it names, atomically.
+
+    Transitions are compare-and-set on the job's status, attempt and worker, so a
+    worker that lost its lease can never overwrite the attempt that replaced it.
+    """
+
+    #: A short name for messages and health reports ("sqlite", "redis").
+    name: str = "store"
+
+    @abc.abstractmethod
+    async def open(self, clock: Clock) -> None:
+        """Connect and create what is missing. Raises StoreError naming the cause."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and threads. Safe to call twice."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Check the store answers and accepts writes; raise StoreError if not."""
+
+    @abc.abstractmethod
+    async def create(
+        self, job: Job, *, idempotency_expires_at: datetime | None = None
+    ) -> tuple[Job, bool]:
+        """Insert ``job``, or return the live job holding its idempotency key.
+
+        Two concurrent calls with one key make one job: the key is unique in the
+        store. A key whose expiry has passed is released first.
+
+        Returns:
+            The stored job and True, or the existing job with the key and False.
+        """
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> Job | None:
+        """Return the job, or None when no job has that id."""
+
+    @abc.abstractmethod
+    async def list(
+        self,
+        *,
+        status: JobStatus | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """Return jobs newest first by submission order, after ``cursor``.
+
+        Raises:
+            ValueError: The cursor is not one this store handed out.
+        """
+
+    @abc.abstractmethod
+    async def update(
+        self,
+        job_id: str,
+        fields: Mapping[str, Any],
+        *,
+        expect_status: Collection[JobStatus] | None = None,
+        expect_attempt: int | None = None,
+        expect_worker: str | None = None,
+    ) -> Job | None:
+        """Set ``fields`` if the job matches every expectation, in one atomic step.
+
+        ``fields`` maps Job field names to values; the key ``append_error`` appends
+        an ErrorInfo to ``errors``. ``updated_at`` is always set to the clock's now.
+
+        Returns:
+            The job after the write, or None when it does not exist or did not match.
+        """
+
+    @abc.abstractmethod
+    async def find_expired(
+        self, now: datetime, *, limit: int = 100
+    ) -> builtins.list[Job]:
+        """Return running jobs whose lease ran out before ``now``."""
+
+    @abc.abstractmethod
+    async def find_queued(
+        self, *, updated_before: datetime | None = None, limit: int = 1000
+    ) -> builtins.list[Job]:
+        """Return queued jobs, oldest first (only those unchanged since a time)."""
+
+    @abc.abstractmethod
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        """Return how many jobs are in each status."""

@@ -1,0 +1,925 @@
+"""Worker: claims jobs, runs them with leases, timeouts, cancellation and retries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from backgrounder._json import check_json
+from backgrounder._logging import job_log_extra
+from backgrounder.errors import (
+    BackendError,
+    InvalidParamsError,
+    JobCanceled,
+    NonRetryableError,
+)
+from backgrounder.models import (
+    Assets,
+    ErrorCode,
+    ErrorInfo,
+    Job,
+    JobStatus,
+    Progress,
+)
+from backgrounder.resources import Reservation
+from backgrounder.tasks import RunContext, TaskSpec
+
+if TYPE_CHECKING:
+    from backgrounder.manager import JobManager
+
+__all__ = ["Worker", "default_worker_id"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_worker_id() -> str:
+    """Return an id unique per host and process: ``host:pid:suffix``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class _Outcome:
+    """How an attempt ended, as the worker will record it."""
+
+    kind: str  # done | error | canceled | shutdown | lost
+    assets: Assets | None = None
+    error: ErrorInfo | None = None
+
+
+@dataclass
+class _Execution:
+    """One running attempt and the signals that can end it."""
+
+    job: Job
+    spec: TaskSpec
+    ctx: RunContext
+    reservation: Reservation | None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: str = ""
+    pending_progress: Progress | None = None
+    flush_task: asyncio.Task[None] | None = None
+    last_flush: float = -1e18
+    thread_done: asyncio.Event | None = None
+    started_mono: float = 0.0
+
+
+class _JobFailed(Exception):
+    """Internal: the runner's result could not be stored."""
+
+
+class Worker:
+    """Runs up to ``concurrency`` jobs at once in this process.
+
+    The claim loop takes a slot, then claims; a claimed job is made ``running``
+    in the store with a lease (compare-and-set on ``queued``), and only then is
+    the queue's claim acked. Each attempt runs as its own task beside a heartbeat
+    that renews the lease every ``heartbeat`` seconds and learns of cancel
+    requests. Every ending is written compare-and-set on (running, attempt,
+    worker), so an attempt whose lease was taken over changes nothing.
+    """
+
+    def __init__(
+        self,
+        manager: JobManager,
+        *,
+        concurrency: int,
+        worker_id: str | None = None,
+    ) -> None:
+        """Build a worker for ``manager``'s store, queue, registry and clock."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1 (got {concurrency!r})")
+        limit = manager.resources.limits.max_concurrent_jobs
+        self.concurrency = min(concurrency, limit) if limit else concurrency
+        self.manager = manager
+        self.settings = manager.settings
+        self.clock = manager.clock
+        self.worker_id = worker_id or default_worker_id()
+        self.running: dict[str, _Execution] = {}
+        self.zombies = 0
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._cancel_listener: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop_error: BaseException | None = None
+        self._restarts = 0
+
+    def __repr__(self) -> str:
+        return f"Worker({self.worker_id!r}, concurrency={self.concurrency})"
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the claim loop and the cancel listener."""
+        self._loop_task = asyncio.create_task(
+            self._supervise(), name=f"backgrounder-worker-{self.worker_id}"
+        )
+        cancellations = self.manager.queue.cancellations()
+        if cancellations is not None:
+            self._cancel_listener = asyncio.create_task(
+                self._listen_cancels(cancellations), name="backgrounder-cancels"
+            )
+        logger.info(
+            "worker %s started with %d slot(s)",
+            self.worker_id,
+            self.concurrency,
+            extra={"event": "worker.started", "worker_id": self.worker_id},
+        )
+
+    async def stop(self, *, drain: bool = True) -> None:
+        """Stop claiming; let running jobs finish within shutdown_grace_seconds.
+
+        Jobs still running after the grace are stopped and put back on the queue
+        with no attempt charged. ``drain=False`` skips the grace.
+        """
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._cancel_listener is not None:
+            self._cancel_listener.cancel()
+            await asyncio.gather(self._cancel_listener, return_exceptions=True)
+        if self.running and drain and self.settings.shutdown_grace_seconds > 0:
+            logger.info(
+                "worker %s draining %d running job(s) for up to %.1f s",
+                self.worker_id,
+                len(self.running),
+                self.settings.shutdown_grace_seconds,
+                extra={"event": "worker.draining", "worker_id": self.worker_id},
+            )
+            await self._wait_idle(self.settings.shutdown_grace_seconds)
+        for execution in list(self.running.values()):
+            execution.stop_reason = "shutdown"
+            execution.stop.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        logger.info(
+            "worker %s stopped",
+            self.worker_id,
+            extra={"event": "worker.stopped", "worker_id": self.worker_id},
+        )
+
+    async def _wait_idle(self, seconds: float) -> None:
+        tasks = set(self._tasks)
+        if not tasks:
+            return
+        timer = asyncio.ensure_future(self.clock.sleep(seconds))
+        try:
+            pending = tasks
+            while pending and not timer.done():
+                _, pending = await asyncio.wait(
+                    pending | {timer}, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(timer)
+        finally:
+            timer.cancel()
+
+    def abandon(self) -> None:
+        """Stop everything at once without writing anything: a crash, for tests."""
+        self._stopping = True
+        for task in [self._loop_task, self._cancel_listener, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        self.running.clear()
+
+    def live_job_ids(self) -> set[str]:
+        """Ids of jobs this worker is running now."""
+        return set(self.running)
+
+    def status(self) -> dict[str, Any]:
+        """Return the worker's health: alive, slots, running and zombie counts."""
+        alive = self._loop_task is not None and not self._loop_task.done()
+        stuck = self.zombies >= self.concurrency
+        report: dict[str, Any] = {
+            "ok": (alive or self._stopping) and not stuck,
+            "id": self.worker_id,
+            "alive": alive,
+            "stopping": self._stopping,
+            "concurrency": self.concurrency,
+            "running": len(self.running),
+            "zombies": self.zombies,
+            "restarts": self._restarts,
+        }
+        if self._loop_error is not None:
+            report["error"] = repr(self._loop_error)
+        if stuck:
+            report["error"] = (
+                f"all {self.concurrency} slot(s) are held by sync runners that timed "
+                "out but have not returned; use process isolation for such tasks"
+            )
+        return report
+
+    # ------------------------------------------------------------ claim loop
+
+    async def _supervise(self) -> None:
+        """Run the claim loop; restart it after an unexpected error, with backoff."""
+        delay = 0.1
+        while not self._stopping:
+            try:
+                await self._claim_loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._loop_error = exc
+                self._restarts += 1
+                logger.exception(
+                    "worker %s claim loop crashed; restarting in %.1f s",
+                    self.worker_id,
+                    delay,
+                    extra={"event": "worker.loop_crashed", "worker_id": self.worker_id},
+                )
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _claim_loop(self) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            await self._slots.acquire()
+            started = False
+            try:
+                started = await self._claim_one()
+                backoff = 0.1
+            except BackendError as exc:
+                logger.warning(
+                    "worker %s cannot claim: %s; retrying in %.1f s",
+                    self.worker_id,
+                    exc,
+                    backoff,
+                    extra={"event": "worker.claim_failed", "worker_id": self.worker_id},
+                )
+                await self.clock.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if not started:
+                    self._slots.release()
+            self._loop_error = None
+
+    async def _claim_one(self) -> bool:
+        """Claim and start one job; return True if a job now holds the slot."""
+        manager = self.manager
+        job_id = await manager.queue.claim(
+            worker_id=self.worker_id,
+            lease_seconds=self.settings.lease_seconds,
+            timeout_seconds=self.settings.poll_seconds,
+        )
+        if job_id is None:
+            return False
+        now = self.clock.now()
+        job = await manager.store.update(
+            job_id,
+            {
+                "status": JobStatus.running,
+                "worker_id": self.worker_id,
+                "started_at": now,
+                "finished_at": None,
+                "run_after": None,
+                "lease_expires_at": now
+                + timedelta(seconds=self.settings.lease_seconds),
+            },
+            expect_status={JobStatus.queued},
+        )
+        await manager.queue.ack(job_id)
+        if job is None:
+            logger.debug("job %s claimed but no longer queued; dropped", job_id)
+            return False
+        spec = manager.registry.get(job.task)
+        if spec is None:
+            await self._fail_unknown_task(job)
+            return False
+        reservation = manager.resources.try_reserve(job.id, job.resources)
+        if reservation is None:
+            await self._defer(job)
+            return False
+        self._launch(job, spec, reservation)
+        return True
+
+    async def _defer(self, job: Job) -> None:
+        """Give back a job whose resources do not fit now, uncharged."""
+        restored = await self.manager.store.update(
+            job.id,
+            {
+                "status": JobStatus.queued,
+                "worker_id": None,
+                "started_at": None,
+                "lease_expires_at": None,
+            },
+            expect_status={JobStatus.running},
+            expect_attempt=job.attempt,
+            expect_worker=self.worker_id,
+        )
+        if restored is not None:
+            await self.manager.queue.push(
+                job.id, priority=job.priority, delay_seconds=0.05
+            )
+        logger.debug(
+            "job %s waits for resources",
+            job.id,
+            extra=job_log_extra(
+                job, event="job.resource_wait", worker_id=self.worker_id
+            ),
+        )
+        await self.manager.resources.wait_changed(self.settings.poll_seconds)
+
+    async def _fail_unknown_task(self, job: Job) -> None:
+        error = ErrorInfo(
+            code=ErrorCode.execution_error,
+            message=(
+                f"task {job.task!r} is not registered in worker {self.worker_id}; "
+                "register it in every worker's TaskRegistry"
+            ),
+            type="UnknownTaskError",
+            stage=job.progress.stage,
+            attempt=job.attempt,
+        )
+        await self.manager.finish_attempt(job, error=error, worker_id=self.worker_id)
+        logger.error(
+            "job %s failed: task %s unknown to this worker",
+            job.id,
+            job.task,
+            extra=job_log_extra(job, event="job.failed", worker_id=self.worker_id),
+        )
+
+    def _launch(self, job: Job, spec: TaskSpec, reservation: Reservation) -> None:
+        execution = _Execution(
+            job=job,
+            spec=spec,
+            ctx=None,  # type: ignore[arg-type]
+            reservation=reservation,
+        )
+        execution.ctx = RunContext(
+            job,
+            clock=self.clock,
+            gpus=reservation.gpus,
+            progress_sink=lambda p: self._on_progress(execution, p),
+            assets_sink=lambda a: self._on_assets(execution, a),
+        )
+        execution.started_mono = self.clock.monotonic()
+        self.running[job.id] = execution
+        task = asyncio.create_task(self._execute(execution), name=f"job-{job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ cancels
+
+    def cancel_local(self, job_id: str) -> bool:
+        """Deliver a cancel request to a job running here; return True if it is."""
+        execution = self.running.get(job_id)
+        if execution is None:
+            return False
+        execution.cancel.set()
+        return True
+
+    async def _listen_cancels(self, cancellations: Any) -> None:
+        try:
+            async for job_id in cancellations:
+                self.cancel_local(job_id)
+        finally:
+            closer = getattr(cancellations, "aclose", None)
+            if closer is not None:
+                await closer()
+
+    # ------------------------------------------------------------ execution
+
+    async def _execute(self, execution: _Execution) -> None:
+        job = execution.job
+        hold_slot_for_thread = False
+        try:
+            logger.info(
+                "job %s started: task %s, attempt %d",
+                job.id,
+                job.task,
+                job.attempt,
+                extra=job_log_extra(job, event="job.started", worker_id=self.worker_id),
+            )
+            await self.manager.emit("status", job)
+            outcome = await self._run_attempt(execution)
+            await self._record(execution, outcome)
+            hold_slot_for_thread = (
+                execution.thread_done is not None and not execution.thread_done.is_set()
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception(
+                "job %s: the worker failed to record its outcome; the lease will "
+                "expire and recovery will take it",
+                job.id,
+                extra=job_log_extra(
+                    job, event="job.record_failed", worker_id=self.worker_id
+                ),
+            )
+        finally:
+            if execution.flush_task is not None:
+                execution.flush_task.cancel()
+            self.running.pop(job.id, None)
+            if hold_slot_for_thread:
+                self._hold_until_thread_ends(execution)
+            else:
+                self.manager.resources.release(execution.reservation)
+                self._slots.release()
+
+    def _hold_until_thread_ends(self, execution: _Execution) -> None:
+        """Keep the slot and reservation of a sync runner until its thread returns."""
+        self.zombies += 1
+        assert execution.thread_done is not None
+        logger.warning(
+            "job %s: its sync runner is still running after the attempt ended; it "
+            "keeps its slot and resources until it returns",
+            execution.job.id,
+            extra=job_log_extra(
+                execution.job, event="job.zombie", worker_id=self.worker_id
+            ),
+        )
+
+        async def wait() -> None:
+            assert execution.thread_done is not None
+            try:
+                await execution.thread_done.wait()
+            finally:
+                self.zombies -= 1
+                self.manager.resources.release(execution.reservation)
+                self._slots.release()
+
+        task = asyncio.create_task(wait())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_attempt(self, execution: _Execution) -> _Outcome:
+        """Run the runner until it ends, times out, is canceled or must stop.
+
+        The runner, its deadline, the cancel signal and the stop signal (lease lost
+        or shutdown) race; whichever comes first decides. A cancel gives the runner
+        cancel_grace_seconds to stop on its own before it is canceled by force.
+        """
+        job = execution.job
+        run = asyncio.ensure_future(self._call_runner(execution))
+        heartbeat = asyncio.create_task(self._heartbeat(execution))
+        timer = None
+        if job.timeout_seconds is not None:
+            timer = asyncio.ensure_future(self.clock.sleep(job.timeout_seconds))
+        cancel = asyncio.ensure_future(execution.cancel.wait())
+        stop = asyncio.ensure_future(execution.stop.wait())
+        grace: asyncio.Future[None] | None = None
+        if job.cancel_requested:
+            execution.cancel.set()
+        try:
+            while True:
+                waiting = {run, stop, cancel if grace is None else grace}
+                if timer is not None:
+                    waiting.add(timer)
+                done, _ = await asyncio.wait(
+                    waiting, return_when=asyncio.FIRST_COMPLETED
+                )
+                if run in done:
+                    return self._outcome_of(execution, run)
+                if stop in done:
+                    await self._force_stop(execution, run)
+                    return _Outcome(kind=execution.stop_reason or "lost")
+                if timer is not None and timer in done:
+                    await self._force_stop(execution, run)
+                    return _Outcome(kind="error", error=self._timeout_error(execution))
+                if grace is not None and grace in done:
+                    await self._force_stop(execution, run)
+                    return _Outcome(
+                        kind="canceled", error=self._cancel_error(execution)
+                    )
+                if cancel in done and grace is None:
+                    execution.ctx.request_cancel()
+                    grace = asyncio.ensure_future(
+                        self.clock.sleep(self.settings.cancel_grace_seconds)
+                    )
+                    logger.info(
+                        "job %s: cancel delivered; %.1f s grace",
+                        job.id,
+                        self.settings.cancel_grace_seconds,
+                        extra=job_log_extra(job, event="job.cancel_delivered"),
+                    )
+        finally:
+            for future in (heartbeat, timer, cancel, stop, grace):
+                if future is not None:
+                    future.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _force_stop(
+        self, execution: _Execution, run: asyncio.Future[Any]
+    ) -> None:
+        """Cancel the runner's task and wait for it (a thread cannot be stopped)."""
+        execution.ctx.request_cancel()
+        run.cancel()
+        if execution.thread_done is None:
+            await asyncio.gather(run, return_exceptions=True)
+
+    async def _call_runner(self, execution: _Execution) -> Any:
+        runner = execution.spec.runner
+        if execution.spec.is_async:
+            return await runner.execute(execution.job, execution.ctx)
+        return await self._call_in_thread(execution, runner.execute)
+
+    async def _call_in_thread(
+        self, execution: _Execution, func: Callable[..., Any]
+    ) -> Any:
+        """Run a sync runner in a daemon thread; ``thread_done`` marks its end."""
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Any] = loop.create_future()
+        done = asyncio.Event()
+        execution.thread_done = done
+
+        def deliver(value: Any, exc: BaseException | None) -> None:
+            done.set()
+            if result.done():
+                return
+            if exc is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(value)
+
+        def body() -> None:
+            try:
+                value = func(execution.job, execution.ctx)
+            except BaseException as exc:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(deliver, None, exc)
+                return
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver, value, None)
+
+        thread = threading.Thread(
+            target=body, name=f"backgrounder-job-{execution.job.id}", daemon=True
+        )
+        thread.start()
+        return await result
+
+    def _outcome_of(self, execution: _Execution, run: asyncio.Future[Any]) -> _Outcome:
+        if run.cancelled():
+            return _Outcome(kind="canceled", error=self._cancel_error(execution))
+        exc = run.exception()
+        if exc is None:
+            try:
+                return _Outcome(kind="done", assets=_to_assets(run.result()))
+            except InvalidParamsError as bad:
+                return _Outcome(
+                    kind="error",
+                    error=self._error(
+                        execution,
+                        ErrorCode.execution_error,
+                        f"the runner returned output that cannot be stored: {bad}",
+                        type_name="InvalidOutputError",
+                        retryable=False,
+                    ),
+                )
+        if isinstance(exc, JobCanceled) or (
+            isinstance(exc, asyncio.CancelledError) and execution.ctx.canceled
+        ):
+            return _Outcome(kind="canceled", error=self._cancel_error(execution))
+        retryable = not isinstance(exc, NonRetryableError) and not isinstance(
+            exc, execution.spec.non_retryable
+        )
+        return _Outcome(
+            kind="error",
+            error=self._error(
+                execution,
+                ErrorCode.execution_error,
+                _describe(exc),
+                type_name=type(exc).__name__,
+                retryable=retryable,
+                tb="".join(traceback.format_exception(exc)),
+            ),
+        )
+
+    def _error(
+        self,
+        execution: _Execution,
+        code: ErrorCode,
+        message: str,
+        *,
+        type_name: str | None = None,
+        retryable: bool = True,
+        tb: str | None = None,
+    ) -> ErrorInfo:
+        return ErrorInfo(
+            code=code,
+            message=message[:4000],
+            type=type_name,
+            stage=execution.ctx.last_progress.stage,
+            retryable=retryable,
+            attempt=execution.job.attempt,
+            traceback=tb[-20000:] if tb else None,
+        )
+
+    def _timeout_error(self, execution: _Execution) -> ErrorInfo:
+        return self._error(
+            execution,
+            ErrorCode.timeout,
+            "the attempt ran longer than "
+            f"timeout_seconds={execution.job.timeout_seconds}",
+            type_name="JobTimeoutError",
+        )
+
+    def _cancel_error(self, execution: _Execution) -> ErrorInfo:
+        return self._error(
+            execution, ErrorCode.canceled, "canceled by request", retryable=False
+        )
+
+    # ------------------------------------------------------------ heartbeat
+
+    async def _heartbeat(self, execution: _Execution) -> None:
+        """Renew the lease; notice a cancel request or a lease taken over."""
+        job = execution.job
+        interval = self.settings.heartbeat
+        while True:
+            await self.clock.sleep(interval)
+            expires = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
+            try:
+                fresh = await self.manager.store.update(
+                    job.id,
+                    {"lease_expires_at": expires},
+                    expect_status={JobStatus.running},
+                    expect_attempt=job.attempt,
+                    expect_worker=self.worker_id,
+                )
+            except BackendError as exc:
+                logger.warning(
+                    "job %s: lease renewal failed: %s; trying again",
+                    job.id,
+                    exc,
+                    extra=job_log_extra(job, event="job.heartbeat_failed"),
+                )
+                continue
+            if fresh is None:
+                logger.warning(
+                    "job %s: lease lost to another worker; stopping attempt %d",
+                    job.id,
+                    job.attempt,
+                    extra=job_log_extra(
+                        job, event="job.lease_lost", worker_id=self.worker_id
+                    ),
+                )
+                execution.stop_reason = "lost"
+                execution.stop.set()
+                return
+            logger.debug("job %s: lease renewed", job.id)
+            if fresh.cancel_requested:
+                execution.cancel.set()
+
+    # ------------------------------------------------------------ progress
+
+    def _on_progress(self, execution: _Execution, progress: Progress) -> None:
+        execution.pending_progress = progress
+        if self.manager.events_bus.has_subscribers(execution.job.id) or (
+            self.manager._has_event_hooks
+        ):
+            snapshot = execution.job.model_copy(update={"progress": progress})
+            task = asyncio.ensure_future(self.manager.emit("progress", snapshot))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if execution.flush_task is None:
+            execution.flush_task = asyncio.ensure_future(
+                self._flush_progress(execution)
+            )
+
+    async def _flush_progress(self, execution: _Execution) -> None:
+        """Write the latest progress at most once per progress_interval_seconds."""
+        job = execution.job
+        try:
+            while execution.pending_progress is not None:
+                wait = (
+                    execution.last_flush
+                    + self.settings.progress_interval_seconds
+                    - self.clock.monotonic()
+                )
+                if wait > 0:
+                    await self.clock.sleep(wait)
+                progress, execution.pending_progress = execution.pending_progress, None
+                if progress is None:
+                    break
+                execution.last_flush = self.clock.monotonic()
+                try:
+                    await self.manager.store.update(
+                        job.id,
+                        {"progress": progress},
+                        expect_status={JobStatus.running},
+                        expect_attempt=job.attempt,
+                        expect_worker=self.worker_id,
+                    )
+                except BackendError as exc:
+                    logger.warning(
+                        "job %s: progress write failed: %s; the next one will carry it",
+                        job.id,
+                        exc,
+                        extra=job_log_extra(job, event="job.progress_failed"),
+                    )
+        finally:
+            execution.flush_task = None
+
+    async def _on_assets(self, execution: _Execution, assets: Assets) -> None:
+        check_json(assets.model_dump(), path="assets", max_depth=64)
+        job = execution.job
+        await self.manager.store.update(
+            job.id,
+            {"assets": assets},
+            expect_status={JobStatus.running},
+            expect_attempt=job.attempt,
+            expect_worker=self.worker_id,
+        )
+
+    # ------------------------------------------------------------ record
+
+    async def _record(self, execution: _Execution, outcome: _Outcome) -> None:
+        """Write the attempt's ending, retrying store errors for a lease period."""
+        job = execution.job
+        progress = execution.ctx.last_progress
+        execution.pending_progress = None
+        delay = 0.1
+        deadline = self.clock.monotonic() + self.settings.lease_seconds
+        while True:
+            try:
+                await self._write_outcome(execution, outcome, progress)
+                return
+            except BackendError as exc:
+                if self.clock.monotonic() + delay > deadline:
+                    raise
+                logger.warning(
+                    "job %s: recording %s failed: %s; retrying in %.1f s",
+                    job.id,
+                    outcome.kind,
+                    exc,
+                    delay,
+                    extra=job_log_extra(job, event="job.record_retry"),
+                )
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _write_outcome(
+        self, execution: _Execution, outcome: _Outcome, progress: Progress
+    ) -> None:
+        job = execution.job
+        manager = self.manager
+        elapsed = self.clock.monotonic() - execution.started_mono
+        cas = {
+            "expect_status": {JobStatus.running},
+            "expect_attempt": job.attempt,
+            "expect_worker": self.worker_id,
+        }
+        if outcome.kind == "lost":
+            return
+        if outcome.kind == "shutdown":
+            updated = await manager.store.update(
+                job.id,
+                {
+                    "status": JobStatus.queued,
+                    "worker_id": None,
+                    "lease_expires_at": None,
+                    "started_at": None,
+                    "progress": progress,
+                },
+                **cas,  # type: ignore[arg-type]
+            )
+            if updated is not None:
+                await manager.queue.push(job.id, priority=job.priority)
+                logger.info(
+                    "job %s: stopped by shutdown after %.2f s; queued again, "
+                    "no attempt charged",
+                    job.id,
+                    elapsed,
+                    extra=job_log_extra(
+                        job, event="job.requeued", worker_id=self.worker_id
+                    ),
+                )
+                await manager.emit("status", updated)
+            return
+        if outcome.kind == "done":
+            updated = await manager.store.update(
+                job.id,
+                {
+                    "status": JobStatus.done,
+                    "finished_at": self.clock.now(),
+                    "assets": outcome.assets,
+                    "progress": progress,
+                    "error": None,
+                    "lease_expires_at": None,
+                },
+                **cas,  # type: ignore[arg-type]
+            )
+            if updated is not None:
+                logger.info(
+                    "job %s done in %.3f s",
+                    job.id,
+                    elapsed,
+                    extra=job_log_extra(
+                        job,
+                        event="job.done",
+                        worker_id=self.worker_id,
+                        duration=elapsed,
+                    ),
+                )
+                await manager.emit("status", updated)
+            else:
+                self._log_stale(job, "done")
+            return
+        assert outcome.error is not None
+        if outcome.kind == "canceled":
+            updated = await manager.store.update(
+                job.id,
+                {
+                    "status": JobStatus.canceled,
+                    "finished_at": self.clock.now(),
+                    "progress": progress,
+                    "error": outcome.error,
+                    "lease_expires_at": None,
+                },
+                **cas,  # type: ignore[arg-type]
+            )
+            if updated is not None:
+                logger.info(
+                    "job %s canceled after %.3f s",
+                    job.id,
+                    elapsed,
+                    extra=job_log_extra(
+                        job, event="job.canceled", worker_id=self.worker_id
+                    ),
+                )
+                await manager.emit("status", updated)
+            else:
+                self._log_stale(job, "canceled")
+            return
+        updated = await manager.finish_attempt(
+            job, error=outcome.error, worker_id=self.worker_id, progress=progress
+        )
+        if updated is None:
+            self._log_stale(job, "failed")
+        elif updated.status == JobStatus.queued:
+            logger.warning(
+                "job %s: attempt %d failed (%s: %s); retry %d of %d queued",
+                job.id,
+                job.attempt,
+                outcome.error.code,
+                outcome.error.message[:200],
+                updated.retries,
+                updated.max_retries,
+                extra=job_log_extra(
+                    job, event="job.retry_scheduled", worker_id=self.worker_id
+                ),
+            )
+        else:
+            logger.error(
+                "job %s failed after %.3f s (%s: %s)",
+                job.id,
+                elapsed,
+                outcome.error.code,
+                outcome.error.message[:200],
+                extra=job_log_extra(
+                    job, event="job.failed", worker_id=self.worker_id, duration=elapsed
+                ),
+            )
+
+    def _log_stale(self, job: Job, what: str) -> None:
+        logger.warning(
+            "job %s: attempt %d ended %s, but the job is no longer this worker's; "
+            "nothing was written",
+            job.id,
+            job.attempt,
+            what,
+            extra=job_log_extra(
+                job, event="job.stale_outcome", worker_id=self.worker_id
+            ),
+        )
+
+
+def _to_assets(value: Any) -> Assets | None:
+    """Turn a runner's return value into Assets, or raise InvalidParamsError."""
+    if value is None:
+        return None
+    if isinstance(value, Assets):
+        assets = value
+    elif isinstance(value, dict):
+        check_json(value, path="output", max_depth=64)
+        assets = Assets(custom=value)
+    else:
+        raise InvalidParamsError(
+            f"execute returned a {type(value).__name__}; return Assets, a dict of "
+            "JSON values, or None",
+            path="output",
+        )
+    check_json(assets.model_dump(), path="output", max_depth=64)
+    return assets
+
+
+def _describe(exc: BaseException) -> str:
+    """Return ``str(exc)``, or a fallback when that itself raises."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = f"<{type(exc).__name__}: its message could not be read>"
+    return text or type(exc).__name__
