@@ -586,11 +586,16 @@ class Worker:
         retryable = not isinstance(exc, NonRetryableError) and not isinstance(
             exc, execution.spec.non_retryable
         )
+        # An exception may name its own code (a child process that died says
+        # worker_lost); anything else is an execution error.
+        code = getattr(exc, "error_code", ErrorCode.execution_error)
+        if not isinstance(code, ErrorCode):
+            code = ErrorCode.execution_error
         return _Outcome(
             kind="error",
             error=self._error(
                 execution,
-                ErrorCode.execution_error,
+                code,
                 _describe(exc),
                 type_name=type(exc).__name__,
                 retryable=retryable,
