@@ -182,6 +182,10 @@ class JobManager:
         self._closed = True
         if self.worker is not None:
             await self.worker.stop(drain=drain)
+        # Child processes of process-isolated tasks end with the manager (#7).
+        from backgrounder.isolation import close_process_runners
+
+        await close_process_runners(self.registry)
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)

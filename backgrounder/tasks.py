@@ -289,6 +289,11 @@ class TaskRegistry:
     ) -> TaskSpec:
         """Register ``runner`` under ``name``; options override its attributes.
 
+        ``isolation="process"`` runs the task in a warm child process that a
+        timeout or cancel stops for real (see ``backgrounder.isolation``), with
+        the options ``max_jobs_per_child``, ``kill_grace_seconds`` and
+        ``init_kwargs``.
+
         Raises:
             ConfigurationError: The name is taken or empty, or the runner has no
                 ``execute`` method, or an option is out of range.
@@ -326,6 +331,10 @@ class TaskRegistry:
         non_retryable = tuple(non_retryable) or tuple(
             getattr(runner, "non_retryable", ())
         )
+        if options.get("isolation") is not None:
+            from backgrounder.isolation import isolate
+
+            runner = isolate(runner, task=name, non_retryable=non_retryable, **options)
         spec = TaskSpec(
             name=name,
             runner=runner,
