@@ -263,6 +263,11 @@ class ChildPool:
             return
         self._idle.append(child)
 
+    def keep(self, child: ChildProcess) -> None:
+        """Add a child started ahead of jobs to the idle children."""
+        if not child.exited:
+            self._idle.append(child)
+
     async def spawn(self, key: GpuKey, *, job_id: str | None) -> ChildProcess:
         """Start a child for these GPUs and wait until its ``setup()`` is done."""
         conn, child_conn = _SPAWN.Pipe()

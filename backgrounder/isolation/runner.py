@@ -180,8 +180,7 @@ class ProcessRunner:
             *(pool.spawn(tuple(gpus), job_id=None) for _ in range(children))
         )
         for child in started:
-            pool.release(child)
-            child.jobs_run = 0
+            pool.keep(child)
         return [child.pid for child in started]
 
     def pids(self) -> list[int]:
