@@ -57,7 +57,7 @@ def no_child_left_behind() -> Iterator[None]:
 
 def _gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
@@ -81,7 +81,7 @@ def markers(tmp_path: Path) -> Path:
 
 def _job(**fields: object) -> Job:
     now = datetime.now(UTC)
-    return Job(id="j-1", task="t", created_at=now, updated_at=now, **fields)  # type: ignore[arg-type]
+    return Job(id="j-1", task="t", created_at=now, updated_at=now, **fields)
 
 
 # ---------------------------------------------------------------- B11 / B12
@@ -339,8 +339,8 @@ async def test_max_jobs_per_child_recycles_the_child(
         await manager.close()
 
     assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
-    markers = {p.name for p in markers.iterdir()}
-    assert markers == {
+    written = {p.name for p in markers.iterdir()}
+    assert written == {
         f"{kind}-{pid}" for pid in set(pids) for kind in ("setup", "teardown")
     }
 
