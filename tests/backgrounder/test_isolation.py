@@ -550,3 +550,26 @@ def test_registration_with_init_kwargs_and_thread_mode() -> None:
     assert process.is_async
     assert thread.runner is runner
     assert process.options["isolation"] == "process"
+
+
+def test_runner_used_from_a_new_event_loop_replaces_its_children() -> None:
+    """Children of a finished event loop are stopped when a new loop uses the runner."""
+    runner = ProcessRunner(tasks.CooperativeSync())
+
+    async def run_once() -> int:
+        async with asyncio.timeout(BOUND):
+            out = await runner.execute(_job(params={"wait": False}), RunContext(_job()))
+        assert out is not None
+        return int(out.custom["pid"])
+
+    async def run_and_close() -> int:
+        try:
+            return await run_once()
+        finally:
+            await runner.aclose()
+
+    first = asyncio.run(run_once())
+    second = asyncio.run(run_and_close())
+
+    assert second != first
+    assert _gone(first) and _gone(second)
