@@ -334,7 +334,9 @@ class TaskRegistry:
         if options.get("isolation") is not None:
             from backgrounder.isolation import isolate
 
-            runner = isolate(runner, task=name, non_retryable=non_retryable, **options)
+            runner = isolate(
+                runner, task=name, non_retryable=non_retryable, options=options
+            )
         spec = TaskSpec(
             name=name,
             runner=runner,

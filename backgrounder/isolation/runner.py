@@ -279,29 +279,24 @@ def isolate(
     runner: Any,
     *,
     task: str,
-    isolation: str | None = None,
-    non_retryable: Sequence[type[BaseException]] = (),
-    max_jobs_per_child: int | None = None,
-    kill_grace_seconds: float = 3.0,
-    init_kwargs: dict[str, Any] | None = None,
-    **_other_options: Any,
+    non_retryable: Sequence[type[BaseException]],
+    options: dict[str, Any],
 ) -> Any:
     """Apply the ``isolation`` option of ``TaskRegistry.add`` to a runner.
 
     Args:
         runner: The runner given to ``add``.
         task: The task name, for messages.
-        isolation: None or "thread" (as is: async runners on the event loop,
-            sync ones in a thread) or "process" (a ProcessRunner).
         non_retryable: The task's non-retryable exception types.
-        max_jobs_per_child: See ProcessRunner.
-        kill_grace_seconds: See ProcessRunner.
-        init_kwargs: See ProcessRunner.
-        **_other_options: The task's other options, not ours.
+        options: The task's options. ``isolation`` is None or "thread" (the
+            runner as is: async on the event loop, sync in a thread) or
+            "process" (a ProcessRunner, with ``max_jobs_per_child``,
+            ``kill_grace_seconds`` and ``init_kwargs``).
 
     Raises:
         ConfigurationError: An unknown mode, or a runner a child cannot rebuild.
     """
+    isolation = options.get("isolation")
     if isolation is None or isolation == "thread":
         return runner
     if isolation != "process":
@@ -314,9 +309,9 @@ def isolate(
     try:
         return ProcessRunner(
             runner,
-            max_jobs_per_child=max_jobs_per_child,
-            kill_grace_seconds=kill_grace_seconds,
-            init_kwargs=init_kwargs,
+            max_jobs_per_child=options.get("max_jobs_per_child"),
+            kill_grace_seconds=options.get("kill_grace_seconds", 3.0),
+            init_kwargs=options.get("init_kwargs"),
             non_retryable=non_retryable,
         )
     except ConfigurationError as exc:
