@@ -45,7 +45,9 @@ class ProcessRunner:
     ends only once the child is gone, so the job's slot and resource
     reservation are held until then. A child that dies on its own (crash, out
     of memory, killed from outside) fails the attempt with error code
-    ``worker_lost``; the retry runs in a new child.
+    ``worker_lost``; the retry runs in a new child. A job that waits for a new
+    child counts its start-up and ``setup()`` against its timeout; ``prestart``
+    starts children ahead of jobs.
 
     How the child gets the runner (nothing is pickled): the runner's class must
     be defined at module level of an importable module. The child imports it
