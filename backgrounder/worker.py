@@ -244,6 +244,17 @@ class Worker:
                 delay = min(delay * 2, 10.0)
 
     async def _claim_loop(self) -> None:
+        """Run several claimers, so one slow store round trip does not idle the rest.
+
+        They share the slot semaphore: a claimer takes a slot before it claims, so
+        no more jobs are claimed than there are free slots.
+        """
+        claimers = min(self.concurrency, 8)
+        async with asyncio.TaskGroup() as group:
+            for index in range(claimers):
+                group.create_task(self._claimer(), name=f"claimer-{index}")
+
+    async def _claimer(self) -> None:
         backoff = 0.1
         while not self._stopping:
             await self._slots.acquire()
@@ -366,6 +377,9 @@ class Worker:
             assets_sink=lambda a: self._on_assets(execution, a),
         )
         execution.started_mono = self.clock.monotonic()
+        # The first progress write waits one interval too: a short job's progress
+        # then reaches the store only with its final status, in the same write.
+        execution.last_flush = execution.started_mono
         self.running[job.id] = execution
         task = asyncio.create_task(self._execute(execution), name=f"job-{job.id}")
         self._tasks.add(task)
