@@ -16,7 +16,6 @@ from backgrounder import (
     TaskRegistry,
 )
 from backgrounder.errors import IdempotencyConflictError, UnknownTaskError
-
 from tests.conftest import ManagerFactory, wait_for
 
 
