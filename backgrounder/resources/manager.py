@@ -547,6 +547,8 @@ class ResourceManager:
         if not count:
             return [], ""
         per_gpu = request.gpu_memory_mb or 0
+        if not gpus:
+            return None, f"{count} GPU(s) asked, but this worker sees no GPU"
         room = [(self._gpu_free(g, ledger), g.index) for g in gpus]
         fitting = sorted((-f, i) for f, i in room if f >= per_gpu)
         if len(fitting) < count:
