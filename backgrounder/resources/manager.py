@@ -318,8 +318,15 @@ class ResourceManager:
             self._hold(held.request, ledger, gpus)
         picked, reason = self._place(request, ledger, host, gpus)
         if picked is None:
-            if holds and not reason:
-                reason = "held for a job that has waited longer"
+            if (
+                holds
+                and self._place(request, self._ledger(), host, gpus)[0] is not None
+            ):
+                oldest = min(holds, key=lambda w: w.since)
+                reason = (
+                    f"held back for job {oldest.job_id}, which has waited "
+                    f"{now - oldest.since:.0f} s for what this job would take"
+                )
             self._refuse(job_id, request, priority, now, reason)
             return None
         self._waiting.pop(job_id, None)

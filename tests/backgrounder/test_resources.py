@@ -211,6 +211,8 @@ def test_smaller_jobs_pass_a_waiting_big_job_until_it_starves() -> None:
     # 6,000 MB reserved and the big job holds 8,000: a newcomer of 3,000 waits,
     # though it would fit the 4,000 MB left without the hold.
     assert manager.try_reserve("s2", req(memory_mb=3000)) is None
+    info = manager.wait_info("s2")
+    assert info is not None and "held back for job big" in info.reason
     assert manager.wakeable() == []
     manager.release(b)
     manager.release(small)

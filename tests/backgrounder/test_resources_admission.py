@@ -550,3 +550,47 @@ async def test_b39_resource_figures_return_to_zero_after_many_jobs(
     assert reserved(manager) == (0, 0, 0)
     assert manager.resources.waiting_jobs == 0
     assert max(runner.max_per_gpu.values()) <= 3
+
+
+async def test_starving_job_is_not_passed_by_newcomers(
+    make_manager: ManagerFactory, clock: FakeClock
+) -> None:
+    """After starvation_seconds a waiting job holds its memory against newcomers."""
+    runner = Held()
+    registry = TaskRegistry()
+    registry.add("work", runner)
+    manager = await make_manager(
+        registry,
+        clock=clock,
+        worker_count=4,
+        plugins=[FakeHost()],
+        resource_limits=ResourceLimits(max_memory_mb=10000),
+    )
+    a = await manager.submit("work", resources={"memory_mb": 4000})
+    b = await manager.submit("work", resources={"memory_mb": 4000})
+    await runner.next_start()
+    await runner.next_start()
+    big = await manager.submit("work", resources={"memory_mb": 8000})
+    await until(lambda: manager.resources.wait_info(big.id) is not None)
+    early = await manager.submit("work", resources={"memory_mb": 1000})
+    assert (await runner.next_start())[0] == early.id  # passes before starvation
+    runner.release(early.id)
+    await wait_for(manager, early.id, "done")
+
+    await clock.advance_async(manager.resources.starvation_seconds)
+    late = await manager.submit("work", resources={"memory_mb": 1000})
+    await until(lambda: manager.resources.wait_info(late.id) is not None)
+    info = manager.resources.wait_info(late.id)
+    assert info is not None and f"held back for job {big.id}" in info.reason
+
+    runner.release(a.id)
+    await wait_for(manager, a.id, "done")
+    assert (await manager.get(late.id)).status == JobStatus.queued
+    runner.release(b.id)
+    assert (await runner.next_start())[0] == big.id
+    assert (await runner.next_start())[0] == late.id  # 8,000 + 1,000 fit together
+    runner.open_all.set()
+    for job in (big, late):
+        await wait_for(manager, job.id, "done")
+    await until(lambda: manager.resources.running_jobs == 0)
+    assert manager.resources.waiting_jobs == 0
