@@ -393,6 +393,13 @@ class Worker:
                     exc,
                     extra={"event": "worker.wake_failed", "worker_id": self.worker_id},
                 )
+            except Exception:
+                logger.exception(
+                    "worker %s: waking waiting jobs raised; they come back on their "
+                    "own delay",
+                    self.worker_id,
+                    extra={"event": "worker.wake_failed", "worker_id": self.worker_id},
+                )
 
     async def _fail_unknown_task(self, job: Job) -> None:
         error = ErrorInfo(

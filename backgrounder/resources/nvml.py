@@ -53,7 +53,7 @@ class NvmlProbe:
     def open(self) -> None:
         """Start NVML now (idempotent); a failure means no GPUs, logged once."""
         with self._lock:
-            if self._state == "new":
+            if self._state in ("new", "closed"):
                 self._start()
 
     def close(self) -> None:

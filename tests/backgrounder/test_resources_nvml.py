@@ -83,6 +83,10 @@ def test_nvml_probe_reads_every_device(monkeypatch: pytest.MonkeyPatch) -> None:
     probe.read_gpus()
     probe.close()
     assert module.calls == ["init", "shutdown"]  # type: ignore[attr-defined]
+    assert probe.read_gpus() is None  # closed
+    probe.open()  # a manager started again opens its probes again
+    assert probe.read_gpus() is not None
+    assert module.calls == ["init", "shutdown", "init"]  # type: ignore[attr-defined]
 
 
 def test_nvml_probe_library_missing_means_no_gpus_logged_once(
