@@ -106,7 +106,7 @@ class JobManager:
         probes = [
             p for batch in self.pm.hook.backgrounder_resource_probes() for p in batch
         ]
-        self.resources = ResourceManager(resource_limits, probes)
+        self.resources = ResourceManager(resource_limits, probes, clock=self.clock)
         self.events_bus = EventBus()
         self.worker_id = worker_id
         self.worker: Any = None
@@ -146,6 +146,7 @@ class JobManager:
         try:
             await self.store.open(self.clock)
             await self.queue.open(self.clock)
+            await self.resources.open()
             await call_hook(
                 self.pm, "backgrounder_register_tasks", registry=self.registry
             )
@@ -190,6 +191,7 @@ class JobManager:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
         await self._close_backends()
+        await self.resources.close()
         logger.info("job manager closed", extra={"event": "manager.closed"})
 
     async def _close_backends(self) -> None:
@@ -514,6 +516,7 @@ class JobManager:
                 if updated is None:
                     continue
                 await self.queue.remove(job_id)
+                self.resources.forget(job_id)
                 logger.info(
                     "job %s canceled while queued",
                     job_id,

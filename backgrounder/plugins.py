@@ -21,10 +21,10 @@ ENTRY_POINT_GROUP = "backgrounder"
 
 def _builtin_plugins() -> list[object]:
     from backgrounder.queue import memory
-    from backgrounder.resources import probes
+    from backgrounder.resources import nvml, probes
     from backgrounder.store import sqlite
 
-    return [sqlite, memory, probes]
+    return [sqlite, memory, probes, nvml]
 
 
 def create_plugin_manager(

@@ -111,6 +111,7 @@ class Worker:
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._cancel_listener: asyncio.Task[None] | None = None
+        self._waker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_error: BaseException | None = None
         self._restarts = 0
@@ -124,6 +125,9 @@ class Worker:
         """Start the claim loop and the cancel listener."""
         self._loop_task = asyncio.create_task(
             self._supervise(), name=f"backgrounder-worker-{self.worker_id}"
+        )
+        self._waker = asyncio.create_task(
+            self._wake_waiting(), name=f"backgrounder-waker-{self.worker_id}"
         )
         cancellations = self.manager.queue.cancellations()
         if cancellations is not None:
@@ -147,9 +151,10 @@ class Worker:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        if self._cancel_listener is not None:
-            self._cancel_listener.cancel()
-            await asyncio.gather(self._cancel_listener, return_exceptions=True)
+        for helper in (self._cancel_listener, self._waker):
+            if helper is not None:
+                helper.cancel()
+                await asyncio.gather(helper, return_exceptions=True)
         if self.running and drain and self.settings.shutdown_grace_seconds > 0:
             logger.info(
                 "worker %s draining %d running job(s) for up to %.1f s",
@@ -188,9 +193,13 @@ class Worker:
     def abandon(self) -> None:
         """Stop everything at once without writing anything: a crash, for tests."""
         self._stopping = True
-        for task in [self._loop_task, self._cancel_listener, *self._tasks]:
+        for task in [self._loop_task, self._cancel_listener, self._waker, *self._tasks]:
             if task is not None:
                 task.cancel()
+        # A task canceled before its first step never runs its finally block, so
+        # give the reservations back here (release is idempotent).
+        for execution in self.running.values():
+            self.manager.resources.release(execution.reservation)
         self.running.clear()
 
     def live_job_ids(self) -> set[str]:
@@ -244,6 +253,17 @@ class Worker:
                 delay = min(delay * 2, 10.0)
 
     async def _claim_loop(self) -> None:
+        """Run several claimers, so one slow store round trip does not idle the rest.
+
+        They share the slot semaphore: a claimer takes a slot before it claims, so
+        no more jobs are claimed than there are free slots.
+        """
+        claimers = min(self.concurrency, 8)
+        async with asyncio.TaskGroup() as group:
+            for index in range(claimers):
+                group.create_task(self._claimer(), name=f"claimer-{index}")
+
+    async def _claimer(self) -> None:
         backoff = 0.1
         while not self._stopping:
             await self._slots.acquire()
@@ -267,7 +287,14 @@ class Worker:
             self._loop_error = None
 
     async def _claim_one(self) -> bool:
-        """Claim and start one job; return True if a job now holds the slot."""
+        """Claim, admit and start one job; return True if a job now holds the slot.
+
+        Admission comes before the job is marked running: the claimed job is
+        read, its resources are reserved, and only then is it moved from queued
+        to running (compare-and-set). A job that does not fit is handed back to
+        the queue untouched in the store (still ``queued``, no attempt charged),
+        so the worker never holds a claimed job while it waits.
+        """
         manager = self.manager
         job_id = await manager.queue.claim(
             worker_id=self.worker_id,
@@ -276,9 +303,44 @@ class Worker:
         )
         if job_id is None:
             return False
+        job = await manager.store.get(job_id)
+        if job is None or job.status != JobStatus.queued:
+            await manager.queue.ack(job_id)
+            manager.resources.forget(job_id)
+            logger.debug("job %s claimed but no longer queued; dropped", job_id)
+            return False
+        spec = manager.registry.get(job.task)
+        if spec is None:
+            running = await self._mark_running(job)
+            await manager.queue.ack(job_id)
+            if running is not None:
+                await self._fail_unknown_task(running)
+            return False
+        reservation = manager.resources.try_reserve(
+            job.id, job.resources, priority=job.priority
+        )
+        if reservation is None:
+            await self._defer(job)
+            return False
+        try:
+            running = await self._mark_running(job)
+            await manager.queue.ack(job_id)
+        except BaseException:
+            manager.resources.release(reservation)
+            raise
+        if running is None:
+            manager.resources.release(reservation)
+            await manager.queue.ack(job_id)
+            logger.debug("job %s changed before it started; dropped", job_id)
+            return False
+        self._launch(running, spec, reservation)
+        return True
+
+    async def _mark_running(self, job: Job) -> Job | None:
+        """Move a queued job to running with this worker's lease, or return None."""
         now = self.clock.now()
-        job = await manager.store.update(
-            job_id,
+        return await self.manager.store.update(
+            job.id,
             {
                 "status": JobStatus.running,
                 "worker_id": self.worker_id,
@@ -289,48 +351,66 @@ class Worker:
                 + timedelta(seconds=self.settings.lease_seconds),
             },
             expect_status={JobStatus.queued},
+            expect_attempt=job.attempt,
         )
-        await manager.queue.ack(job_id)
-        if job is None:
-            logger.debug("job %s claimed but no longer queued; dropped", job_id)
-            return False
-        spec = manager.registry.get(job.task)
-        if spec is None:
-            await self._fail_unknown_task(job)
-            return False
-        reservation = manager.resources.try_reserve(job.id, job.resources)
-        if reservation is None:
-            await self._defer(job)
-            return False
-        self._launch(job, spec, reservation)
-        return True
 
     async def _defer(self, job: Job) -> None:
-        """Give back a job whose resources do not fit now, uncharged."""
-        restored = await self.manager.store.update(
-            job.id,
-            {
-                "status": JobStatus.queued,
-                "worker_id": None,
-                "started_at": None,
-                "lease_expires_at": None,
-            },
-            expect_status={JobStatus.running},
-            expect_attempt=job.attempt,
-            expect_worker=self.worker_id,
+        """Hand a job that does not fit now back to the queue, uncharged.
+
+        The store is not touched: the job stays ``queued``. It is claimable again
+        after a delay that doubles with each refusal (another worker may take it
+        meanwhile), or at once when a release here makes room for it
+        (``_wake_waiting``). The claim loop goes on with the next job, so smaller
+        jobs behind this one are not blocked.
+        """
+        resources = self.manager.resources
+        delay = resources.recheck_delay(job.id)
+        await self.manager.queue.ack(job.id)
+        await self.manager.queue.push(
+            job.id, priority=job.priority, delay_seconds=delay
         )
-        if restored is not None:
-            await self.manager.queue.push(
-                job.id, priority=job.priority, delay_seconds=0.05
-            )
-        logger.debug(
-            "job %s waits for resources",
+        info = resources.wait_info(job.id)
+        reason = info.reason if info is not None else "does not fit"
+        level = logging.WARNING if info is None or info.refusals == 1 else logging.DEBUG
+        logger.log(
+            level,
+            "job %s waits for resources (%s); looked at again within %.1f s",
             job.id,
+            reason,
+            delay,
             extra=job_log_extra(
                 job, event="job.resource_wait", worker_id=self.worker_id
             ),
         )
-        await self.manager.resources.wait_changed(self.settings.poll_seconds)
+
+    async def _wake_waiting(self) -> None:
+        """Make waiting jobs claimable at once when resources free up.
+
+        Waits for a release here (or poll_seconds on the manager's clock, for
+        changes only the probes see), then pushes the waiting jobs that fit now
+        with no delay. It never claims or reserves: the claim loop admits them.
+        """
+        resources = self.manager.resources
+        while not self._stopping:
+            await resources.wait_changed(self.settings.poll_seconds)
+            try:
+                for job_id, priority in resources.wakeable():
+                    await self.manager.queue.push(job_id, priority=priority)
+            except BackendError as exc:
+                logger.warning(
+                    "worker %s cannot wake waiting jobs: %s; they come back on "
+                    "their own delay",
+                    self.worker_id,
+                    exc,
+                    extra={"event": "worker.wake_failed", "worker_id": self.worker_id},
+                )
+            except Exception:
+                logger.exception(
+                    "worker %s: waking waiting jobs raised; they come back on their "
+                    "own delay",
+                    self.worker_id,
+                    extra={"event": "worker.wake_failed", "worker_id": self.worker_id},
+                )
 
     async def _fail_unknown_task(self, job: Job) -> None:
         error = ErrorInfo(
@@ -366,6 +446,9 @@ class Worker:
             assets_sink=lambda a: self._on_assets(execution, a),
         )
         execution.started_mono = self.clock.monotonic()
+        # The first progress write waits one interval too: a short job's progress
+        # then reaches the store only with its final status, in the same write.
+        execution.last_flush = execution.started_mono
         self.running[job.id] = execution
         task = asyncio.create_task(self._execute(execution), name=f"job-{job.id}")
         self._tasks.add(task)

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from backgrounder_testing.clock import FakeClock
+from backgrounder_testing.gpus import SimulatedGPUs
 
-__all__ = ["FakeClock"]
+__all__ = ["FakeClock", "SimulatedGPUs"]

@@ -24,7 +24,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def make_manager(tmp_path: Path) -> AsyncIterator[ManagerFactory]:
-    """Return a factory of started JobManagers on a temp SQLite file; close all after."""
+    """Return a factory of started JobManagers on a temp SQLite file."""
     managers: list[JobManager] = []
 
     async def factory(registry: TaskRegistry, **options: Any) -> JobManager:

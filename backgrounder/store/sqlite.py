@@ -7,7 +7,7 @@ import builtins
 import logging
 import os
 import sqlite3
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,12 @@ _COLUMNS = [
     "finished_at",
     "updated_at",
 ]
-_SELECT = "SELECT seq, " + ", ".join(_COLUMNS) + " FROM jobs"
+_RETURNING = "seq, " + ", ".join(_COLUMNS)
+_SELECT = f"SELECT {_RETURNING} FROM jobs"
+_INSERT = (
+    f"INSERT INTO jobs ({', '.join([*_COLUMNS, 'idempotency_expires_at'])}) "
+    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))}) RETURNING {_RETURNING}"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -118,12 +123,52 @@ def _parent_dir(path: str) -> str | None:
     return parent if os.path.isdir(parent) else None
 
 
+Row = tuple[Any, ...]
+Op = Callable[[sqlite3.Connection], Any]
+
+
+def _run_batch(conn: sqlite3.Connection, ops: builtins.list[Op]) -> builtins.list[Any]:
+    """Run ``ops`` in one write transaction; one op's failure spares the others.
+
+    Runs in the connection's thread. Each op gets a savepoint when there are
+    several, so an op that raises is undone alone and its exception is returned
+    in its place.
+    """
+    results: builtins.list[Any] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            if len(ops) == 1:
+                try:
+                    results.append(op(conn))
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK")
+                    return [exc]
+                continue
+            conn.execute("SAVEPOINT op")
+            try:
+                results.append(op(conn))
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK TO op")
+                results.append(exc)
+            conn.execute("RELEASE op")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
 class SqliteStore(JobStore):
     """Jobs in one SQLite file, in WAL mode, shared safely by several processes.
 
-    Every update is one statement (compare-and-set in its WHERE clause); the one
-    read-then-write (an expired idempotency key) takes the write lock up front with
-    ``BEGIN IMMEDIATE``, so SQLite's busy timeout applies to it.
+    Statements run on aiosqlite's connection thread. Calls made while a batch is
+    in flight are grouped into the next batch, which runs as one write
+    transaction (``BEGIN IMMEDIATE``, so SQLite's busy timeout applies and no
+    read-then-write can fail with "database is locked" at once) and one commit:
+    many concurrent writers cost one thread hop and one commit between them.
+    Every update is one statement whose WHERE clause is the compare-and-set.
     """
 
     name = "sqlite"
@@ -139,19 +184,18 @@ class SqliteStore(JobStore):
         self.busy_timeout_seconds = busy_timeout_seconds
         self._db: aiosqlite.Connection | None = None
         self._clock: Clock = SystemClock()
-        self._write_lock = asyncio.Lock()
+        self._pending: builtins.list[tuple[Op, asyncio.Future[Any]]] = []
+        self._drainer: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise StoreError(f"store {self!r} is not open; call open() first")
-        return self._db
-
     async def open(self, clock: Clock) -> None:
-        """Open the file (creating it and its folder's tables) in WAL mode."""
+        """Open the file (creating its tables) in WAL mode.
+
+        Raises:
+            StoreError: The folder does not exist, or the file cannot be opened.
+        """
         self._clock = clock
         if self._db is not None:
             return
@@ -159,18 +203,22 @@ class SqliteStore(JobStore):
             parent = await asyncio.to_thread(_parent_dir, self.path)
             if parent is None:
                 raise StoreError(
-                    f"cannot open SQLite store {self.path!r}: folder of the file "
-                    "does not exist; create it or choose another db_path"
+                    f"cannot open SQLite store {self.path!r}: the folder of the "
+                    "file does not exist; create it or choose another db_path"
                 )
         db = None
         try:
             db = await aiosqlite.connect(
                 self.path, timeout=self.busy_timeout_seconds, isolation_level=None
             )
-            db.row_factory = aiosqlite.Row
-            await db.execute(
-                f"PRAGMA busy_timeout = {int(self.busy_timeout_seconds * 1000)}"
-            )
+            if not callable(getattr(db, "_execute", None)):
+                raise StoreError(
+                    f"the installed aiosqlite {aiosqlite.__version__} lacks the "
+                    "call the store batches statements through; install aiosqlite "
+                    ">=0.20,<1"
+                )
+            timeout_ms = int(self.busy_timeout_seconds * 1000)
+            await db.execute(f"PRAGMA busy_timeout = {timeout_ms}")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")
             await db.executescript(_SCHEMA)
@@ -181,86 +229,115 @@ class SqliteStore(JobStore):
                 f"cannot open SQLite store {self.path!r}: {exc}; check that the "
                 "file and its folder are writable"
             ) from exc
+        except BaseException:
+            if db is not None:
+                await db.close()
+            raise
         self._db = db
 
     async def close(self) -> None:
-        """Close the connection and its thread."""
+        """Finish pending statements, then close the connection and its thread."""
+        if self._drainer is not None:
+            await asyncio.gather(self._drainer, return_exceptions=True)
         db, self._db = self._db, None
         if db is not None:
             await db.close()
 
-    async def ping(self) -> None:
-        """Run a write-lock check so a read-only or locked file shows up."""
-        try:
-            async with self._write_lock:
-                await self.db.execute("BEGIN IMMEDIATE")
-                await self.db.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            raise StoreError(
-                f"SQLite store {self.path!r} is not writable: {exc}"
-            ) from exc
+    async def _run(self, op: Op) -> Any:
+        """Run ``op(conn)`` in the next batch and return its result."""
+        if self._db is None:
+            raise StoreError(f"store {self!r} is not open; call open() first")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        if self._drainer is None:
+            self._drainer = asyncio.create_task(self._drain())
+        result = await future
+        if isinstance(result, sqlite3.Error):
+            raise StoreError(f"SQLite store {self.path!r} failed: {result}") from result
+        return result
 
-    async def _fetch(
-        self, sql: str, args: Collection[Any] = ()
-    ) -> builtins.list[sqlite3.Row]:
-        # One connection carries every statement, so a statement must never run
-        # inside another coroutine's open transaction: all of them take the lock.
+    async def _drain(self) -> None:
+        """Run pending ops in batches until none are left."""
         try:
-            async with self._write_lock, self.db.execute(sql, tuple(args)) as cursor:
-                return list(await cursor.fetchall())
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite store {self.path!r} failed: {exc}") from exc
+            while self._pending and self._db is not None:
+                batch, self._pending = self._pending, []
+                ops = [op for op, _ in batch]
+                try:
+                    results = await self._db._execute(  # type: ignore[no-untyped-call]
+                        _run_batch, self._db._conn, ops
+                    )
+                except BaseException as exc:
+                    error = StoreError(f"SQLite store {self.path!r} failed: {exc}")
+                    error.__cause__ = exc
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._drainer = None
+            for _, future in self._pending if self._db is None else ():
+                if not future.done():
+                    future.set_exception(StoreError(f"store {self!r} was closed"))
+
+    async def ping(self) -> None:
+        """Take the write lock once, so a read-only or locked file shows up."""
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def create(
         self, job: Job, *, idempotency_expires_at: datetime | None = None
     ) -> tuple[Job, bool]:
         """Insert the job, or return the live job that holds its idempotency key."""
         now = to_epoch(self._clock.now())
-        values = [encode_field(c, getattr(job, c)) for c in _COLUMNS]
-        insert = (
-            "INSERT INTO jobs ("
-            + ", ".join([*_COLUMNS, "idempotency_expires_at"])
-            + ") VALUES ("
-            + ", ".join("?" * (len(_COLUMNS) + 1))
-            + ") RETURNING seq, "
-            + ", ".join(_COLUMNS)
-        )
-        args = [*values, to_epoch(idempotency_expires_at)]
-        async with self._write_lock:
+        args = [
+            *(encode_field(c, getattr(job, c)) for c in _COLUMNS),
+            to_epoch(idempotency_expires_at),
+        ]
+        key = job.idempotency_key
+
+        def op(conn: sqlite3.Connection) -> tuple[Row | None, bool]:
+            if key is not None:
+                conn.execute(
+                    "UPDATE jobs SET idempotency_key = NULL WHERE "
+                    "idempotency_key = ? AND idempotency_expires_at < ?",
+                    (key, now),
+                )
+                existing = conn.execute(
+                    _SELECT + " WHERE idempotency_key = ?", (key,)
+                ).fetchone()
+                if existing is not None:
+                    return existing, False
             try:
-                await self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    if job.idempotency_key is not None:
-                        await self.db.execute(
-                            "UPDATE jobs SET idempotency_key = NULL WHERE "
-                            "idempotency_key = ? AND idempotency_expires_at < ?",
-                            (job.idempotency_key, now),
-                        )
-                    try:
-                        async with self.db.execute(insert, args) as cursor:
-                            row = await cursor.fetchone()
-                        created = True
-                    except sqlite3.IntegrityError:
-                        async with self.db.execute(
-                            _SELECT + " WHERE idempotency_key = ?",
-                            (job.idempotency_key,),
-                        ) as cursor:
-                            row = await cursor.fetchone()
-                        created = False
-                    await self.db.execute("COMMIT")
-                except BaseException:
-                    await self.db.execute("ROLLBACK")
+                return conn.execute(_INSERT, args).fetchone(), True
+            except sqlite3.IntegrityError:
+                # The unique index is the guarantee; the look-up above only
+                # spares the failed insert in the usual case.
+                if key is None:
                     raise
-            except sqlite3.Error as exc:
-                raise StoreError(f"SQLite store {self.path!r} failed: {exc}") from exc
+                return conn.execute(
+                    _SELECT + " WHERE idempotency_key = ?", (key,)
+                ).fetchone(), False
+
+        row, created = await self._run(op)
         if row is None:
             raise StoreError(f"job {job.id!r} could not be stored in {self.path!r}")
-        return decode_row(dict(row)), created
+        return _decode(row), created
 
     async def get(self, job_id: str) -> Job | None:
         """Return the job, or None."""
         rows = await self._fetch(_SELECT + " WHERE id = ?", (job_id,))
-        return decode_row(dict(rows[0])) if rows else None
+        return _decode(rows[0]) if rows else None
+
+    async def _fetch(self, sql: str, args: Collection[Any] = ()) -> builtins.list[Row]:
+        values = tuple(args)
+        result: builtins.list[Row] = await self._run(
+            lambda conn: conn.execute(sql, values).fetchall()
+        )
+        return result
 
     async def list(
         self,
@@ -271,8 +348,8 @@ class SqliteStore(JobStore):
         cursor: str | None = None,
     ) -> JobPage:
         """Return a page of jobs, newest first, keyed on the insertion sequence."""
-        where: list[str] = []
-        args: list[Any] = []
+        where: builtins.list[str] = []
+        args: builtins.list[Any] = []
         if status is not None:
             where.append("status = ?")
             args.append(str(status))
@@ -294,8 +371,8 @@ class SqliteStore(JobStore):
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(limit + 1)
         rows = await self._fetch(sql, args)
-        items = [decode_row(dict(r)) for r in rows[:limit]]
-        next_cursor = str(rows[limit - 1]["seq"]) if len(rows) > limit else None
+        items = [_decode(r) for r in rows[:limit]]
+        next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return JobPage(items=items, next_cursor=next_cursor)
 
     async def update(
@@ -308,8 +385,8 @@ class SqliteStore(JobStore):
         expect_worker: str | None = None,
     ) -> Job | None:
         """Compare-and-set the named fields in one UPDATE ... RETURNING."""
-        sets: list[str] = []
-        args: list[Any] = []
+        sets: builtins.list[str] = []
+        args: builtins.list[Any] = []
         for name, value in fields.items():
             if name == APPEND_ERROR:
                 sets.append("errors = json_insert(errors, '$[#]', json(?))")
@@ -335,10 +412,10 @@ class SqliteStore(JobStore):
             args.append(expect_worker)
         sql = (
             f"UPDATE jobs SET {', '.join(sets)} WHERE {' AND '.join(where)} "
-            f"RETURNING seq, {', '.join(_COLUMNS)}"
+            f"RETURNING {_RETURNING}"
         )
         rows = await self._fetch(sql, args)
-        return decode_row(dict(rows[0])) if rows else None
+        return _decode(rows[0]) if rows else None
 
     async def find_expired(
         self, now: datetime, *, limit: int = 100
@@ -349,7 +426,7 @@ class SqliteStore(JobStore):
             "ORDER BY lease_expires_at LIMIT ?",
             (to_epoch(now), limit),
         )
-        return [decode_row(dict(r)) for r in rows]
+        return [_decode(r) for r in rows]
 
     async def find_queued(
         self, *, updated_before: datetime | None = None, limit: int = 1000
@@ -364,7 +441,7 @@ class SqliteStore(JobStore):
                 "ORDER BY updated_at LIMIT ?"
             )
             args = (to_epoch(updated_before), limit)
-        return [decode_row(dict(r)) for r in await self._fetch(sql, args)]
+        return [_decode(r) for r in await self._fetch(sql, args)]
 
     async def count_by_status(self) -> dict[JobStatus, int]:
         """Return counts per status (every status present, zero included)."""
@@ -373,6 +450,11 @@ class SqliteStore(JobStore):
         for status, count in rows:
             counts[JobStatus(status)] = count
         return counts
+
+
+def _decode(row: Row) -> Job:
+    """Build a Job from a row of ``seq`` followed by ``_COLUMNS``."""
+    return decode_row(dict(zip(_COLUMNS, row[1:], strict=True)))
 
 
 _COLUMN_SET = frozenset(_COLUMNS) - {"id"}

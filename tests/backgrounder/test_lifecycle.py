@@ -6,9 +6,16 @@ import asyncio
 
 import pytest
 
-from backgrounder import Assets, Job, JobStatus, NoopRunner, RunContext, Stage, TaskRegistry
+from backgrounder import (
+    Assets,
+    Job,
+    JobStatus,
+    NoopRunner,
+    RunContext,
+    Stage,
+    TaskRegistry,
+)
 from backgrounder.errors import IdempotencyConflictError, UnknownTaskError
-
 from tests.conftest import ManagerFactory, wait_for
 
 
@@ -22,7 +29,9 @@ class Report:
         return Assets(custom={"output": {"href": f"/reports/{job.id}.json"}})
 
 
-async def test_lifecycle_runs_readme_runner_to_done(make_manager: ManagerFactory) -> None:
+async def test_lifecycle_runs_readme_runner_to_done(
+    make_manager: ManagerFactory,
+) -> None:
     """A runner written as the README shows ends done with its assets and progress."""
     registry = TaskRegistry()
     registry.add("report", Report())
