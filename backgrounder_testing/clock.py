@@ -6,7 +6,9 @@ import asyncio
 import heapq
 import itertools
 import math
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 __all__ = ["FakeClock"]
 
@@ -61,10 +63,13 @@ class FakeClock:
         """Return the fake monotonic time in seconds (0 at creation)."""
         return self._mono
 
-    async def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> Coroutine[Any, Any, None]:
         """Wait until the clock has been advanced by ``seconds``.
 
-        Zero or a negative value only yields to the event loop once, as
+        The deadline is taken when ``sleep`` is called, not when the returned
+        coroutine first runs: ``asyncio.ensure_future(clock.sleep(5))`` followed
+        by ``advance(5)`` wakes it even if the task had not started yet. Zero or
+        a negative value only yields to the event loop once, as
         ``asyncio.sleep`` does.
 
         Raises:
@@ -73,12 +78,11 @@ class FakeClock:
         if math.isnan(seconds):
             raise ValueError("cannot sleep for NaN seconds")
         if seconds <= 0:
-            await asyncio.sleep(0)
-            return
+            return asyncio.sleep(0)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._mono + seconds, next(self._seq), future))
         self._compact()
-        await future
+        return _wait(future)
 
     # ------------------------------------------------------------ inspection
 
@@ -176,6 +180,14 @@ class FakeClock:
         if len(live) * 2 < len(self._sleepers):
             heapq.heapify(live)
             self._sleepers = live
+
+
+async def _wait(future: asyncio.Future[None]) -> None:
+    try:
+        await future
+    finally:
+        # A canceled sleep leaves the heap as soon as it is compacted or popped.
+        future.cancel()
 
 
 def _wake(future: asyncio.Future[None]) -> None:

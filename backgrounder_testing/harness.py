@@ -299,11 +299,15 @@ class _TrackingClock:
     def monotonic(self) -> float:
         return self.inner.monotonic()
 
-    async def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> Coroutine[Any, Any, None]:
+        # Ask the inner clock now, so a FakeClock takes the deadline at the call.
+        return self._sleeping(self.inner.sleep(seconds))
+
+    async def _sleeping(self, inner: Coroutine[Any, Any, None]) -> None:
         self.sleeping += 1
         self._activity.set()
         try:
-            await self.inner.sleep(seconds)
+            await inner
         finally:
             self.sleeping -= 1
 
