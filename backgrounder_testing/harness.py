@@ -19,6 +19,7 @@ from typing import Any
 from backgrounder._json import check_json, check_params
 from backgrounder.clock import Clock
 from backgrounder.errors import (
+    ConfigurationError,
     InvalidParamsError,
     JobCanceled,
     NonRetryableError,
@@ -219,6 +220,11 @@ async def run_task(
     if cancel_after_progress is not None and cancel_after_progress < 0:
         raise ValueError(
             f"cancel_after_progress must be >= 0 (got {cancel_after_progress!r})"
+        )
+    if isinstance(runner, type):
+        raise ConfigurationError(
+            f"run_task got the class {runner.__name__}; pass an instance, not the "
+            f"class: run_task({runner.__name__}(), ...)"
         )
     name = task or type(runner).__name__
     spec = TaskRegistry().add(name, runner, timeout_seconds=timeout_seconds)
