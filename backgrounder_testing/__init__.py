@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from backgrounder_testing.clock import FakeClock
 from backgrounder_testing.harness import TaskMistakeError, TaskResult, run_task
+from backgrounder_testing.waiting import wait_for_job
 
 if TYPE_CHECKING:
     # gpus.py is written in parallel (#6); the ignore goes once it is merged.
@@ -17,7 +18,14 @@ if TYPE_CHECKING:
         SimulatedGPUs,
     )
 
-__all__ = ["FakeClock", "SimulatedGPUs", "TaskMistakeError", "TaskResult", "run_task"]
+__all__ = [
+    "FakeClock",
+    "SimulatedGPUs",
+    "TaskMistakeError",
+    "TaskResult",
+    "run_task",
+    "wait_for_job",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ import sys
 import threading
 import traceback
 import uuid
+import weakref
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,6 +50,10 @@ _OWN_DIRS = tuple(
     for module in (sys.modules["backgrounder"], sys.modules["backgrounder_testing"])
     if module.__file__
 )
+# The last results run_task returned, so the pytest plugin can explain a failed
+# ``assert result.status == "done"`` (pytest shows only a diff of two strings).
+_recent: list[weakref.ref[TaskResult]] = []
+
 #: How many times run_task moves a FakeClock for a runner before it gives up.
 MAX_JUMPS = 100_000
 
@@ -237,7 +242,23 @@ async def run_task(
     result = await run.execute(autojump=autojump)
     if strict and result.mistakes:
         raise TaskMistakeError(result)
+    _recent[:] = [ref for ref in _recent[-7:] if ref() is not None]
+    _recent.append(weakref.ref(result))
     return result
+
+
+def recent_result(status: JobStatus) -> TaskResult | None:
+    """Return the newest live result run_task gave with ``status``, or None."""
+    for ref in reversed(_recent):
+        result = ref()
+        if result is not None and result.status == status:
+            return result
+    return None
+
+
+def forget_results() -> None:
+    """Drop the record of recent results (the plugin calls it before each test)."""
+    _recent.clear()
 
 
 def _make_job(
@@ -713,6 +734,22 @@ def _caller() -> str:
             return f"{Path(filename).name}:{frame.f_lineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return "unknown location"
+
+
+def runner_frames(exc: BaseException, limit: int = 3) -> list[str]:
+    """Describe ``exc`` and the runner's own frames it passed, newest last."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(_OWN_DIRS)
+    ][-limit:]
+    lines = [f"the runner raised {traceback.format_exception_only(exc)[-1].strip()}"]
+    for frame in frames:
+        code = f": {frame.line.strip()}" if frame.line else ""
+        lines.append(
+            f"  {Path(frame.filename).name}:{frame.lineno} in {frame.name}{code}"
+        )
+    return lines
 
 
 def _origin(exc: BaseException) -> str:

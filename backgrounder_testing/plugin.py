@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -87,6 +88,38 @@ def pytest_configure(config: pytest.Config) -> None:
         "backgrounder(**options): JobManager options for bg_manager, "
         "bg_manager_factory and bg_app, e.g. lease_seconds=10, worker_count=1",
     )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Forget the results of run_task in earlier tests."""
+    harness = sys.modules.get("backgrounder_testing.harness")
+    if harness is not None:
+        harness.forget_results()
+
+
+def pytest_assertrepr_compare(
+    config: pytest.Config, op: str, left: object, right: object
+) -> list[str] | None:
+    """Explain a failed ``assert result.status == "done"`` with the result's error.
+
+    pytest shows only a diff of the two status strings; this adds the result of
+    run_task whose status it was, with its error and where the runner raised it.
+    """
+    harness = sys.modules.get("backgrounder_testing.harness")
+    if harness is None or op != "==":
+        return None
+    from backgrounder.models import JobStatus
+
+    status = left if isinstance(left, JobStatus) else right
+    if not isinstance(status, JobStatus):
+        return None
+    result = harness.recent_result(status)
+    if result is None:
+        return None
+    lines = [f"{left!r} == {right!r}", f"where the status is that of {result!r}"]
+    if result.exception is not None:
+        lines += harness.runner_frames(result.exception)
+    return lines
 
 
 def _worker_count(config: pytest.Config) -> int:
