@@ -148,3 +148,130 @@ def test_plugin_marker_and_option_shape_the_manager(pytester: pytest.Pytester) -
     result = pytester.runpytest("--bg-worker-count", "3")
 
     result.assert_outcomes(passed=2)
+
+
+STAND_IN_SETUP = """
+import contextlib
+
+import pytest
+
+import backgrounder.fastapi
+from backgrounder import JobManager
+
+
+def setup_backgrounder(app, *, registry, db_path, clock, **options):
+    # A stand-in with the agreed signature, enough to exercise the fixtures.
+    manager = JobManager(registry=registry, db_path=db_path, clock=clock, **options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with manager:
+            yield
+
+    app.router.lifespan_context = lifespan
+    app.state.backgrounder = manager
+
+    @app.post("/api/v1/jobs", status_code=202)
+    async def submit(body: dict):
+        job = await manager.submit(body["task"], body.get("params"))
+        return job.model_dump(mode="json")
+
+    @app.get("/api/v1/jobs/{job_id}")
+    async def get(job_id: str):
+        return (await manager.get(job_id)).model_dump(mode="json")
+
+
+@pytest.fixture(autouse=True)
+def _stand_in(monkeypatch):
+    monkeypatch.setattr(
+        backgrounder.fastapi, "setup_backgrounder", setup_backgrounder, raising=False
+    )
+"""
+
+
+def test_plugin_bg_client_runs_the_app_lifespan(pytester: pytest.Pytester) -> None:
+    """bg_client starts the app, serves requests, and shuts down past the grace."""
+    pytester.makeini(AUTO_MODE)
+    pytester.makeconftest(STAND_IN_SETUP)
+    pytester.makepyfile(
+        test_app="""
+        import pytest
+        from backgrounder import Stage
+
+        class Slow:
+            async def execute(self, job, ctx):
+                await ctx.progress(1, Stage.fetch)
+                await ctx.sleep(3600)
+
+        @pytest.mark.backgrounder(shutdown_grace_seconds=30)
+        async def test_submit_and_read(bg_client, bg_registry, bg_app):
+            bg_registry.add("slow", Slow())
+            manager = bg_app.state.backgrounder
+            assert manager.started
+
+            created = await bg_client.post("/api/v1/jobs", json={"task": "slow"})
+            assert created.status_code == 202
+            job_id = created.json()["id"]
+            read = await bg_client.get(f"/api/v1/jobs/{job_id}")
+            assert read.json()["task"] == "slow"
+            # Left running: the teardown drains it on bg_clock, not for real.
+        """
+    )
+
+    result = pytester.runpytest()
+
+    result.assert_outcomes(passed=1)
+
+
+def test_plugin_bg_app_names_what_is_missing(pytester: pytest.Pytester) -> None:
+    """Without setup_backgrounder, bg_app fails with what it needs."""
+    pytester.makeini(AUTO_MODE)
+    pytester.makeconftest(
+        """
+        import pytest
+        import backgrounder.fastapi
+
+        @pytest.fixture(autouse=True)
+        def _missing(monkeypatch):
+            monkeypatch.delattr(
+                backgrounder.fastapi, "setup_backgrounder", raising=False
+            )
+        """
+    )
+    pytester.makepyfile("def test_app(bg_app):\n    pass\n")
+
+    result = pytester.runpytest()
+
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*bg_app needs FastAPI and backgrounder.fastapi.setup_backgrounder*"]
+    )
+
+
+def test_plugin_bg_client_with_the_real_setup(pytester: pytest.Pytester) -> None:
+    """With the real setup_backgrounder, bg_client submits and reads a job."""
+    import backgrounder.fastapi
+
+    if not hasattr(backgrounder.fastapi, "setup_backgrounder"):
+        pytest.skip(
+            "backgrounder.fastapi.setup_backgrounder is not merged on this branch "
+            "yet; test_plugin_bg_client_runs_the_app_lifespan covers the fixture"
+        )
+    pytester.makeini(AUTO_MODE)
+    pytester.makepyfile(
+        test_real="""
+        from backgrounder import NoopRunner
+
+        async def test_roundtrip(bg_client, bg_registry):
+            bg_registry.add("noop", NoopRunner(sleep_ms=0))
+            created = await bg_client.post("/api/v1/jobs", json={"task": "noop"})
+            assert created.status_code == 202, created.text
+            job_id = created.json()["id"]
+            read = await bg_client.get(f"/api/v1/jobs/{job_id}")
+            assert read.status_code == 200 and read.json()["task"] == "noop"
+        """
+    )
+
+    result = pytester.runpytest()
+
+    result.assert_outcomes(passed=1)
