@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 EXAMPLE = Path(__file__).with_name("example_test_tasks.py")
+DOCS = Path(__file__).parents[2] / "docs" / "testing.md"
 AUTO_MODE = """
 [pytest]
 asyncio_mode = auto
@@ -19,8 +20,12 @@ def test_plugin_example_task_tests_pass(
     pytester: pytest.Pytester, simulated_gpus: type[Any]
 ) -> None:
     """The README example (run_task, fixtures, FakeClock, SimulatedGPUs) passes."""
+    docs = DOCS.read_text()
+    shown = docs[docs.index("```python\n") + 10 : docs.rindex("```")]
+    example = EXAMPLE.read_text()
+    assert shown == example[example.index("from __future__") :]
     pytester.makeini(AUTO_MODE)
-    pytester.makepyfile(test_example=EXAMPLE.read_text())
+    pytester.makepyfile(test_example=shown)
 
     result = pytester.runpytest("-p", "no:cacheprovider")
 
