@@ -6,6 +6,7 @@ import asyncio
 import heapq
 import itertools
 import math
+import threading
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,6 +47,8 @@ class FakeClock:
         # one deadline in the order they started sleeping.
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        # Guards the heap and the times: a sync runner's thread may advance.
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return (
@@ -80,8 +83,10 @@ class FakeClock:
         if seconds <= 0:
             return asyncio.sleep(0)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (self._mono + seconds, next(self._seq), future))
-        self._compact()
+        with self._lock:
+            entry = (self._mono + seconds, next(self._seq), future)
+            heapq.heappush(self._sleepers, entry)
+            self._compact()
         return _wait(future)
 
     # ------------------------------------------------------------ inspection
@@ -89,13 +94,15 @@ class FakeClock:
     @property
     def sleepers(self) -> int:
         """How many sleeps are waiting (canceled ones are not counted)."""
-        return sum(1 for _, _, f in self._sleepers if not f.done())
+        with self._lock:
+            return sum(1 for _, _, f in self._sleepers if not f.done())
 
     def next_deadline(self) -> float | None:
         """Return the monotonic time the next sleeper wakes at, or None."""
-        while self._sleepers and self._sleepers[0][2].done():
-            heapq.heappop(self._sleepers)
-        return self._sleepers[0][0] if self._sleepers else None
+        with self._lock:
+            while self._sleepers and self._sleepers[0][2].done():
+                heapq.heappop(self._sleepers)
+            return self._sleepers[0][0] if self._sleepers else None
 
     # ------------------------------------------------------------ moving time
 
@@ -116,14 +123,15 @@ class FakeClock:
                 f"a FakeClock cannot go backwards (advance({seconds!r})); "
                 "use jump_wall() to move the wall clock alone"
             )
-        target = self._mono + seconds
-        while self._sleepers and self._sleepers[0][0] <= target:
-            deadline, _, future = heapq.heappop(self._sleepers)
-            if future.done():
-                continue
-            self._step(max(0.0, deadline - self._mono))
-            _wake(future)
-        self._step(target - self._mono)
+        with self._lock:
+            target = self._mono + seconds
+            while self._sleepers and self._sleepers[0][0] <= target:
+                deadline, _, future = heapq.heappop(self._sleepers)
+                if future.done():
+                    continue
+                self._step(max(0.0, deadline - self._mono))
+                _wake(future)
+            self._step(target - self._mono)
 
     def advance_to_next(self) -> float | None:
         """Advance to the next sleeper's deadline and wake it; return the step.
@@ -144,7 +152,8 @@ class FakeClock:
             ValueError: ``seconds`` is not finite.
         """
         _check_finite("jump_wall", seconds)
-        self._wall += timedelta(seconds=seconds)
+        with self._lock:
+            self._wall += timedelta(seconds=seconds)
 
     async def settle(self, iterations: int = 20) -> None:
         """Let woken tasks run for ``iterations`` event-loop iterations.
