@@ -174,8 +174,10 @@ async def run_task(
     runner sleeps on the clock (``ctx.sleep`` or ``ctx.clock.sleep``) and the
     event loop has nothing else to do, the clock jumps to the next deadline: a
     runner that sleeps an hour finishes at once, and a two-hour sleep under a
-    one-hour timeout ends ``timeout``. The clock never moves while the runner
-    waits for anything else, such as a thread.
+    one-hour timeout ends ``timeout``. While the runner waits only for something
+    else (a thread, a socket), the clock stays put; a runner that sleeps on the
+    clock while it also waits for a thread (``asyncio.gather``) lets the clock
+    jump meanwhile.
 
     Args:
         runner: An object with ``execute(job, ctx)``, as given to
