@@ -32,16 +32,20 @@ COUNTER = "bench:done:{run}"
 # ------------------------------------------------------------------ workers
 
 
+_state: dict[str, Any] = {}
+
+
+async def noop(ctx: dict[str, Any]) -> None:
+    """The no-op task of every system: count one completion."""
+    await _state["client"].incr(_state["counter"])
+
+
 def _arq_worker(url: str, run: str, concurrency: int) -> None:
     from arq.connections import RedisSettings
     from arq.worker import Worker
 
-    client = aioredis.Redis.from_url(url)
-    counter = COUNTER.format(run=run)
-
-    async def noop(ctx: dict[str, Any]) -> None:
-        await client.incr(counter)
-
+    _state["client"] = aioredis.Redis.from_url(url)
+    _state["counter"] = COUNTER.format(run=run)
     worker = Worker(
         functions=[noop],  # type: ignore[list-item]
         redis_settings=RedisSettings.from_dsn(url),
@@ -57,11 +61,8 @@ def _arq_worker(url: str, run: str, concurrency: int) -> None:
 def _saq_worker(url: str, run: str, concurrency: int) -> None:
     from saq import Queue, Worker
 
-    client = aioredis.Redis.from_url(url)
-    counter = COUNTER.format(run=run)
-
-    async def noop(ctx: dict[str, Any]) -> None:
-        await client.incr(counter)
+    _state["client"] = aioredis.Redis.from_url(url)
+    _state["counter"] = COUNTER.format(run=run)
 
     async def main() -> None:
         queue = Queue.from_url(url, name=f"bench-saq-{run}")
