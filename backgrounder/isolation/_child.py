@@ -39,6 +39,7 @@ from backgrounder.isolation._wire import (
     import_object,
 )
 from backgrounder.models import Assets, Job, Progress, Stage
+from backgrounder.resources import cuda_env
 from backgrounder.tasks import RunContext
 
 __all__ = ["child_main"]
@@ -67,8 +68,9 @@ def child_main(conn: Connection, config_text: str) -> None:
     config = json.loads(config_text)
     gpus = config.get("gpus") or []
     if gpus:
-        # Before the runner's module or setup() can touch CUDA (#7).
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        # Before the runner's module or setup() can touch CUDA (#7). A job given
+        # no GPUs keeps the worker's own setting.
+        os.environ.update(cuda_env(gpus))
     sys.exit(_Child(conn, config).main())
 
 

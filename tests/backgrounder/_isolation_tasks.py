@@ -108,6 +108,7 @@ class Counting:
             "setups": self.setups,
             "gpus": ctx.gpus,
             "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "order": os.environ.get("CUDA_DEVICE_ORDER"),
             "attempt": ctx.attempt,
         }
 

@@ -359,6 +359,7 @@ async def test_cuda_visible_devices_follow_the_jobs_gpus(markers: Path) -> None:
 
     assert first is not None and again is not None and other is not None
     assert first.custom["cuda"] == "1,3" and first.custom["gpus"] == [1, 3]
+    assert first.custom["order"] == "PCI_BUS_ID"
     assert again.custom["pid"] == first.custom["pid"]
     assert other.custom["cuda"] == "0" and other.custom["pid"] != first.custom["pid"]
     assert plain is not None
