@@ -262,12 +262,14 @@ class ProcessRunner:
 
 
 async def _relay_cancel(child: ChildProcess, ctx: RunContext, seq: int) -> None:
-    """Pass the job's cancel request on to the child when it comes."""
-    try:
-        while True:
-            await ctx.sleep(3600)
-    except JobCanceled:
-        child.send({"op": "cancel", "seq": seq})
+    """Pass the job's cancel request on to the child when it comes.
+
+    It waits on the context's cancel event, not on ``ctx.sleep``: a sleep on
+    the job's clock would let a fake clock with auto-jump (the testing harness)
+    run the clock ahead while the job waits for its child.
+    """
+    await ctx._cancel_event.wait()
+    child.send({"op": "cancel", "seq": seq})
 
 
 async def close_process_runners(registry: Iterable[TaskSpec]) -> None:

@@ -26,6 +26,7 @@ from backgrounder import (
 )
 from backgrounder.isolation import ChildTaskError, ProcessIsolationError, ProcessRunner
 from backgrounder.models import ErrorCode
+from backgrounder_testing import run_task
 from tests.backgrounder import _isolation_tasks as tasks
 from tests.conftest import ManagerFactory, wait_for
 
@@ -574,3 +575,20 @@ def test_runner_used_from_a_new_event_loop_replaces_its_children() -> None:
 
     assert second != first
     assert _gone(first) and _gone(second)
+
+
+async def test_run_task_harness_runs_a_process_runner() -> None:
+    """The testing harness runs a ProcessRunner: progress recorded, cancel relayed."""
+    reporter = ProcessRunner(tasks.Reporter())
+    polite = ProcessRunner(tasks.CooperativeSync())
+    try:
+        async with asyncio.timeout(BOUND):
+            done = await run_task(reporter)
+            canceled = await run_task(polite, cancel_after_progress=1)
+    finally:
+        await reporter.aclose()
+        await polite.aclose()
+
+    assert done.status == JobStatus.done
+    assert [p.stage for p in done.progress] == [Stage.fetch, Stage.infer, Stage.write]
+    assert canceled.status == JobStatus.canceled
