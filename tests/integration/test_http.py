@@ -69,12 +69,9 @@ def make_app(
 ) -> tuple[FastAPI, JobManager]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     app = FastAPI(lifespan=options.pop("lifespan", None))
-    manager = setup_backgrounder(
-        app,
-        db_path=tmp_path / "jobs.db",
-        registry=registry or make_registry(),
-        **options,
-    )
+    if "store" not in options:
+        options["db_path"] = tmp_path / "jobs.db"
+    manager = setup_backgrounder(app, registry=registry or make_registry(), **options)
     return app, manager
 
 
@@ -690,7 +687,7 @@ async def test_http_submit_while_draining_is_503(tmp_path: Path) -> None:
         job = (await client.post(API, json={"task": "gate"})).json()
         await gate.started.wait()
         shutdown = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
-        await _until(lambda: manager.worker.status()["stopping"])
+        await until(lambda: manager.worker.status()["stopping"])
 
         refused = await client.post(API, json={"task": "noop"})
         health = await client.get(f"{API}/_health")
@@ -722,7 +719,7 @@ def new_threads(before: set[int | None]) -> list[threading.Thread]:
     ]
 
 
-async def _until(condition: Callable[[], bool]) -> None:
+async def until(condition: Callable[[], bool]) -> None:
     """Let the loop run until ``condition`` holds (bounded by a timeout)."""
     async with asyncio.timeout(10):
         while not condition():
