@@ -12,10 +12,12 @@ characters, and runs of bytes between ASCII whitespace.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,7 +73,11 @@ class CorpusTask:
         folder, pattern, top, output_dir = self._params(job.params)
 
         await ctx.progress(0, Stage.fetch, 0, 0, f"listing {pattern} in {folder}")
-        paths = await asyncio.to_thread(_list_files, folder, pattern)
+        # The listing thread stops early on a cancel: ctx.canceled is a plain
+        # flag, safe to read from any thread.
+        paths = await asyncio.to_thread(
+            _list_files, folder, pattern, lambda: ctx.canceled
+        )
         await ctx.progress(5, Stage.fetch, 1, 1, f"{len(paths)} files found")
         await ctx.check_canceled()
 
@@ -132,7 +138,11 @@ class CorpusTask:
             summaries.extend(s for s in found if s is not None)
             done = start + len(batch)
             await ctx.progress(
-                5 + 80 * done / total, Stage.preprocess, done, total, str(batch[-1])
+                5 + 80 * done / total,
+                Stage.preprocess,
+                done,
+                total,
+                str(batch[-1].relative_to(root)),
             )
         return summaries
 
@@ -141,8 +151,16 @@ class CorpusTask:
         return [read_file(path, root) for path in batch]
 
 
-def _list_files(root: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in root.rglob(pattern) if p.is_file())
+def _list_files(root: Path, pattern: str, stop: Callable[[], bool]) -> list[Path]:
+    """Return the files under ``root`` whose name matches ``pattern``, sorted."""
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        if stop():
+            break
+        dirs.sort()
+        base = Path(folder)
+        found.extend(base / name for name in fnmatch.filter(files, pattern))
+    return sorted(p for p in found if p.is_file())
 
 
 def _aggregate(
