@@ -28,15 +28,19 @@ def create_registry(output_dir: str | Path = "reports") -> TaskRegistry:
 def create_app(
     db_path: str | Path = "backgrounder-demo.db",
     output_dir: str | Path = "reports",
+    worker_count: int = 4,
     **options: Any,
 ) -> FastAPI:
-    """Return the demo app, its jobs in the SQLite file ``db_path``."""
+    """Return the demo app, its jobs in the SQLite file ``db_path``.
+
+    ``options`` go to setup_backgrounder (``shutdown_grace_seconds``, ...).
+    """
     app = FastAPI(title="backgrounder demo")
     setup_backgrounder(
         app,
         db_path=db_path,
         registry=create_registry(output_dir),
-        worker_count=4,
+        worker_count=worker_count,
         **options,
     )
     return app
