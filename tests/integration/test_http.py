@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 
 from backgrounder import (
@@ -75,11 +74,58 @@ def make_app(
     return app, manager
 
 
+class Lifespan:
+    """Drive an ASGI app's lifespan as a server does, and share its state.
+
+    ``app`` is the app with the lifespan's state put into every request's
+    scope, as servers do, so ``request.state`` works.
+    """
+
+    def __init__(self, asgi: Any) -> None:
+        self.asgi = asgi
+        self.state: dict[str, Any] = {}
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._task: asyncio.Future[None] | None = None
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.asgi({**scope, "state": dict(self.state)}, receive, send)
+
+    async def _step(self, message: str) -> None:
+        assert self._task is not None
+        await self._inbox.put({"type": f"lifespan.{message}"})
+        answer = asyncio.ensure_future(self._outbox.get())
+        await asyncio.wait({answer, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done() or answer.result()["type"].endswith(".failed"):
+            answer.cancel()
+            await self._task  # raises the lifespan's own exception
+            raise RuntimeError(f"lifespan {message} failed")
+
+    async def startup(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": self.state}
+        self._task = asyncio.ensure_future(
+            self.asgi(scope, self._inbox.get, self._outbox.put)
+        )
+        await self._step("startup")
+
+    async def shutdown(self) -> None:
+        await self._step("shutdown")
+        assert self._task is not None
+        await self._task
+
+    async def __aenter__(self) -> Lifespan:
+        await self.startup()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+
 @asynccontextmanager
 async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """Run the app's lifespan and yield a client talking to it over ASGI."""
-    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as lm:
-        transport = httpx.ASGITransport(lm.app)
+    async with asyncio.timeout(60), Lifespan(app) as lifespan:
+        transport = httpx.ASGITransport(lifespan.app)
         async with httpx.AsyncClient(
             transport=transport, base_url="http://test"
         ) as client:
@@ -680,13 +726,13 @@ async def test_http_submit_while_draining_is_503(tmp_path: Path) -> None:
     app, manager = make_app(
         tmp_path, make_registry(gate=gate), shutdown_grace_seconds=30
     )
-    lifespan = LifespanManager(app, startup_timeout=30, shutdown_timeout=30)
-    await lifespan.__aenter__()
+    lifespan = Lifespan(app)
+    await lifespan.startup()
     transport = httpx.ASGITransport(lifespan.app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         job = (await client.post(API, json={"task": "gate"})).json()
         await gate.started.wait()
-        shutdown = asyncio.ensure_future(lifespan.__aexit__(None, None, None))
+        shutdown = asyncio.ensure_future(lifespan.shutdown())
         await until(lambda: manager.worker.status()["stopping"])
 
         refused = await client.post(API, json={"task": "noop"})
