@@ -753,16 +753,20 @@ async def test_http_submit_while_draining_is_503(tmp_path: Path) -> None:
 
 
 def new_threads(before: set[int | None]) -> list[threading.Thread]:
-    """Threads alive now that were not in ``before``.
+    """Threads still alive (after a join of up to 5 s) that were not in ``before``.
 
-    The event loop's own executor threads (``asyncio_N``) are the loop's, joined
-    when it closes, so they are left out.
+    A closed connection's thread ends a moment after close() returns, hence the
+    join. The event loop's own executor threads (``asyncio_N``) are the loop's,
+    joined when it closes, so they are left out.
     """
-    return [
+    fresh = [
         t
         for t in threading.enumerate()
-        if t.ident not in before and t.is_alive() and not t.name.startswith("asyncio_")
+        if t.ident not in before and not t.name.startswith("asyncio_")
     ]
+    for thread in fresh:
+        thread.join(5)
+    return [t for t in fresh if t.is_alive()]
 
 
 async def until(condition: Callable[[], bool]) -> None:
