@@ -18,10 +18,14 @@ __all__ = ["app", "create_app", "create_registry"]
 
 
 def create_registry(output_dir: str | Path = "reports") -> TaskRegistry:
-    """Return the demo's tasks: ``corpus`` and ``noop``."""
+    """Return the demo's tasks: ``corpus``, ``noop`` (1 s) and ``walk`` (50 s).
+
+    ``walk`` walks the stages slowly, so there is time to cancel it by hand.
+    """
     registry = TaskRegistry()
     registry.add("corpus", CorpusTask(default_output_dir=str(output_dir)))
     registry.add("noop", NoopRunner(sleep_ms=200))
+    registry.add("walk", NoopRunner(sleep_ms=10_000))
     return registry
 
 
