@@ -8,7 +8,7 @@ import importlib
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,22 +61,26 @@ class _Server(uvicorn.Server):
     """A uvicorn server whose Ctrl-C stops it cleanly inside our event loop.
 
     uvicorn re-raises the signal after its shutdown, which would interrupt
-    ``asyncio.run`` while the lifespan finishes; here the first Ctrl-C asks for
-    a graceful stop and the second forces it.
+    ``asyncio.run`` before the lifespan has closed the job manager; here the
+    first Ctrl-C asks for a graceful stop (and runs ``on_exit``, which ends
+    the demo's own client), the second forces it.
     """
+
+    on_exit: list[Callable[[], object]]
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM)
 
         def stop() -> None:
             if self.should_exit:
                 self.force_exit = True
             self.should_exit = True
+            for callback in getattr(self, "on_exit", ()):
+                callback()
 
         installed = []
-        for signum in signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, stop)
                 installed.append(signum)
@@ -99,7 +103,9 @@ async def run_demo(
     """Serve ``app``, submit a corpus job over HTTP, show it live; return 0 if done.
 
     With ``once`` the server stops after the job; otherwise it serves until
-    Ctrl-C so the curl calls of the README can be tried.
+    Ctrl-C so the curl calls of the README can be tried. Whatever happens, the
+    server is awaited to its end, so the app's lifespan closes the job manager
+    (and its store's thread) before the process exits.
     """
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3
@@ -116,18 +122,21 @@ async def run_demo(
     console.print(f"[bold]backgrounder demo[/] serving at {base}  (docs: {base}/docs)")
 
     watcher = asyncio.create_task(_submit_and_watch(base, params, console))
-    done, _ = await asyncio.wait(
-        {serving, watcher}, return_when=asyncio.FIRST_COMPLETED
-    )
-    if watcher not in done:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        return 1
-    code = watcher.result()
+    server.on_exit = [watcher.cancel]
+    code = 1
+    try:
+        code = await watcher
+    except asyncio.CancelledError:
+        console.print(
+            "stopping; a job still running is put back in the queue and goes on "
+            "at the next start"
+        )
+    except httpx.HTTPError as exc:
+        console.print(f"[red]lost the connection to the demo server:[/] {exc}")
+        server.should_exit = True
     if once:
         server.should_exit = True
-    else:
+    elif not server.should_exit:
         console.print(
             f"\nStill serving at {base}; try the README's curl calls, e.g.\n"
             f"  curl -s {base}/api/v1/jobs?limit=2\n"
@@ -167,6 +176,8 @@ async def _show_progress(
         TextColumn("{task.fields[note]}", style="dim"),
         TimeElapsedColumn(),
     )
+    if not console.is_terminal:
+        return await _print_progress(client, url, console)
     bars: dict[str, TaskID] = {}
     last: dict[str, Any] = {}
     with Progress(*columns, console=console, transient=False) as progress:
@@ -174,6 +185,8 @@ async def _show_progress(
             last = job
             info = job["progress"]
             stage = info["stage"]
+            if job["status"] in TERMINAL and stage not in bars:
+                break
             if stage == "idle":
                 continue
             if stage not in bars:
@@ -190,6 +203,27 @@ async def _show_progress(
             )
             if job["status"] in TERMINAL:
                 break
+    return last
+
+
+async def _print_progress(
+    client: httpx.AsyncClient, url: str, console: Console
+) -> dict[str, Any]:
+    """Print a line per stage and per tenth of the way, for logs and pipes."""
+    last: dict[str, Any] = {}
+    shown: tuple[str, int] | None = None
+    async for job in _events(client, url):
+        last = job
+        info = job["progress"]
+        mark = (info["stage"], int(info["percent"] // 10))
+        if mark != shown and info["stage"] != "idle":
+            shown = mark
+            console.print(
+                f"{info['stage']:<12} {info['percent']:5.1f}%  "
+                f"{info['processed']}/{info['total']}  {info['message'] or ''}"
+            )
+        if job["status"] in TERMINAL:
+            break
     return last
 
 
