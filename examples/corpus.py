@@ -5,8 +5,9 @@ The job lists the files (stage ``fetch``), reads and tokenizes them in batches
 off the event loop (``preprocess``), adds up the counts (``postprocess``) and
 writes a JSON report (``write``), returned as ``{"report": {"href": path, ...}}``.
 
-Lines and words are counted as ``wc -l`` and ``wc -w`` count them: newline
-characters, and runs of bytes between ASCII whitespace.
+Lines and words are counted as ``wc -l`` and ``wc -w`` count them in a UTF-8
+locale: newline characters, and runs of characters between whitespace (ASCII
+whitespace and Unicode spaces, no-break spaces included, as GNU wc has it).
 """
 
 from __future__ import annotations
@@ -24,9 +25,31 @@ from typing import Any
 
 from backgrounder import Assets, Job, NonRetryableError, RunContext, Stage
 
-__all__ = ["CorpusTask", "FileStats", "read_file"]
+__all__ = ["CorpusTask", "FileStats", "count_words", "read_file"]
 
 _TERM = re.compile(rb"[A-Za-z_][A-Za-z0-9_]{2,}")
+_SPACE = re.compile(
+    "[ \t\n\r\x0b\x0c\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u2060\u3000]+"
+)
+
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
+
+
+def count_words(data: bytes) -> int:
+    """Count words as ``wc -w`` does in a UTF-8 locale.
+
+    Like wc, a run of only unprintable characters (control characters, bytes
+    that are not UTF-8) is not a word.
+    """
+    if data.isascii() and not _CONTROL.search(data):
+        return len(data.split())
+    text = data.decode("utf-8", "surrogateescape")
+    return sum(1 for word in _SPACE.split(text) if _has_printable(word))
+
+
+def _has_printable(word: str) -> bool:
+    return any(c.isprintable() and not "\udc80" <= c <= "\udcff" for c in word)
 
 
 class FileStats(dict[str, Any]):
@@ -46,7 +69,7 @@ def read_file(path: Path, root: Path) -> FileStats | None:
         path=str(path.relative_to(root)),
         bytes=len(data),
         lines=data.count(b"\n"),
-        words=len(data.split()),
+        words=count_words(data),
         terms=terms,
     )
 

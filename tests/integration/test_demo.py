@@ -17,12 +17,14 @@ from examples.app import create_app, create_registry
 from examples.corpus import CorpusTask, FileStats
 from tests.integration.test_http import API, read_events, serve, until
 
-# Each file's text with the counts `wc -l` and `wc -w` give for it.
+# Each file's text with the counts `wc -l` and `wc -w` give for it in a UTF-8
+# locale (thin and no-break spaces separate words, a zero-width space does not).
 FILES: dict[str, tuple[bytes, int, int]] = {
     "a.py": (b"import os\n\nprint(os.getcwd())\n", 3, 3),
     "pkg/b.py": (b"x = 1\ty  =  2\n  # words\tand\ttabs\n", 2, 10),
     "pkg/deep/c.py": (b"no trailing newline here", 0, 4),
     "pkg/deep/d.py": ("caf\u00e9 \u00fcber na\u00efve\n".encode(), 1, 3),
+    "pkg/spaces.py": ("a\u2009b c\u00a0d \u2014 e\u200bf\n".encode(), 1, 6),
     "empty.py": (b"", 0, 0),
 }
 
@@ -142,6 +144,7 @@ async def test_corpus_cancel_mid_run_ends_canceled_without_report(
     assert final["status"] == "canceled"
     assert final["progress"]["stage"] == "preprocess"
     assert final["progress"]["processed"] == 4
+    assert final["progress"]["total"] == len(FILES) + 1
     assert task.batches == 2
     assert not (tmp_path / "reports").exists()
 
