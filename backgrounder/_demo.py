@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -111,14 +112,23 @@ async def run_demo(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3
     )
     server = _Server(config)
-    serving = asyncio.create_task(server.serve(), name="backgrounder-demo-server")
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        console.print(
+            f"[red]cannot serve on {host}:{port}:[/] {exc}; pass --port with a free "
+            "port (0 picks one)"
+        )
+        return 2
+    serving = asyncio.create_task(
+        server.serve(sockets=[sock]), name="backgrounder-demo-server"
+    )
     while not server.started:
         if serving.done():
             await serving
             return 1
         await asyncio.sleep(0.05)
-    bound = server.servers[0].sockets[0].getsockname()
-    base = f"http://{host}:{bound[1]}"
+    base = f"http://{host}:{sock.getsockname()[1]}"
     console.print(f"[bold]backgrounder demo[/] serving at {base}  (docs: {base}/docs)")
 
     watcher = asyncio.create_task(_submit_and_watch(base, params, console))
@@ -143,7 +153,21 @@ async def run_demo(
             "Press Ctrl-C to stop."
         )
     await serving
+    sock.close()
     return code
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves, so a busy port is a clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def _submit_and_watch(base: str, params: dict[str, Any], console: Console) -> int:
