@@ -1,4 +1,8 @@
-"""nox sessions: tests, tests_long, lint, typecheck, demo, bench."""
+"""nox sessions: tests, tests_long, lint, typecheck, demo.
+
+Sessions run on the Python that runs nox (3.11 or later); pass
+``--force-python 3.12`` (or ``-P``) to pick another one.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,22 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-PYTHON = "3.11"
 
-
-@nox.session(python=PYTHON)
+@nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (Redis tests use BACKGROUNDER_REDIS_URL or fakeredis)."""
     session.install("-e", ".[dev]")
     session.run("pytest", "-q", "-m", "not slow", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def tests_long(session: nox.Session) -> None:
     """Run the long-running variants of the reliability suites."""
     session.install("-e", ".[dev]")
     session.run("pytest", "-q", "-m", "slow", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def lint(session: nox.Session) -> None:
     """Check formatting and lint rules."""
     session.install("ruff")
@@ -32,8 +34,19 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def typecheck(session: nox.Session) -> None:
     """Run mypy --strict on the three packages."""
     session.install("-e", ".[dev]", "types-psutil")
     session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Serve the example app and run a corpus job on real files, live.
+
+    Options after ``--`` go to ``backgrounder demo``, e.g.
+    ``nox -s demo -- --once`` or ``nox -s demo -- --folder ~/notes --pattern '*.md'``.
+    """
+    session.install("-e", ".")
+    session.run("backgrounder", "demo", *session.posargs)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import os
 import signal
 import sys
-from typing import Annotated
+import sysconfig
+from pathlib import Path
+from typing import Annotated, Any
 
+import httpx
 import typer
+from rich.console import Console
 
 from backgrounder.errors import ConfigurationError
 from backgrounder.manager import JobManager
@@ -142,6 +147,131 @@ async def _run_worker(manager: JobManager) -> None:
         await stop.wait()
     finally:
         await manager.close()
+
+
+@app.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, help="Port; 0 picks a free one.")] = 8000,
+    db: Annotated[Path, typer.Option(help="SQLite file of the jobs.")] = Path(
+        "backgrounder-demo.db"
+    ),
+    folder: Annotated[
+        Path | None,
+        typer.Option(help="Folder to analyse; default: Python's library folder."),
+    ] = None,
+    pattern: Annotated[str, typer.Option(help="Glob of the files to read.")] = "*.py",
+    reports: Annotated[Path, typer.Option(help="Folder for the JSON reports.")] = Path(
+        "reports"
+    ),
+    once: Annotated[
+        bool, typer.Option("--once", help="Stop after the job instead of serving on.")
+    ] = False,
+) -> None:
+    """Serve the example app, run a corpus job on real files, show its progress."""
+    console = Console(soft_wrap=True)
+    target = folder or Path(sysconfig.get_paths()["stdlib"])
+    params = {
+        "folder": str(target.resolve()),
+        "pattern": pattern,
+        "top": 10,
+        "output_dir": str(reports.resolve()),
+    }
+    from backgrounder._demo import load_demo_app, run_demo
+
+    try:
+        demo_app = load_demo_app(db, reports, shutdown_grace_seconds=3.0)
+    except ConfigurationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        code = asyncio.run(
+            run_demo(
+                demo_app,
+                host=host,
+                port=port,
+                params=params,
+                once=once,
+                console=console,
+            )
+        )
+    except KeyboardInterrupt:
+        console.print("stopped")
+        code = 0
+    raise typer.Exit(code)
+
+
+jobs_app = typer.Typer(
+    name="jobs", help="Look at and control jobs over HTTP.", no_args_is_help=True
+)
+app.add_typer(jobs_app)
+
+UrlOption = Annotated[
+    str,
+    typer.Option(envvar="BACKGROUNDER_URL", help="The app's address."),
+]
+PrefixOption = Annotated[str, typer.Option(help="Where the routes are mounted.")]
+
+
+def _call(url: str, prefix: str, method: str, path: str, **params: Any) -> None:
+    """Send one request and print the JSON answer; exit 1 on an error status."""
+    query = {k: v for k, v in params.items() if v is not None}
+    target = f"{url.rstrip('/')}{prefix}/jobs{path}"
+    try:
+        response = httpx.request(method, target, params=query, timeout=30)
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach {target}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text}
+    typer.echo(json.dumps(body, indent=2))
+    if response.status_code >= 400:
+        raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    url: UrlOption = "http://127.0.0.1:8000",
+    prefix: PrefixOption = "/api/v1",
+    status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a page.")] = None,
+) -> None:
+    """List jobs, newest first."""
+    _call(url, prefix, "GET", "", status=status, task=task, limit=limit, cursor=cursor)
+
+
+@jobs_app.command("get")
+def jobs_get(
+    job_id: str,
+    url: UrlOption = "http://127.0.0.1:8000",
+    prefix: PrefixOption = "/api/v1",
+) -> None:
+    """Show one job."""
+    _call(url, prefix, "GET", f"/{job_id}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: str,
+    url: UrlOption = "http://127.0.0.1:8000",
+    prefix: PrefixOption = "/api/v1",
+) -> None:
+    """Cancel a job."""
+    _call(url, prefix, "POST", f"/{job_id}/cancel")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: str,
+    url: UrlOption = "http://127.0.0.1:8000",
+    prefix: PrefixOption = "/api/v1",
+) -> None:
+    """Queue a failed or canceled job again."""
+    _call(url, prefix, "POST", f"/{job_id}/retry")
 
 
 def main() -> None:

@@ -2,4 +2,7 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from backgrounder.fastapi.lifecycle import setup_backgrounder
+from backgrounder.fastapi.router import create_router, get_manager
+
+__all__ = ["create_router", "get_manager", "setup_backgrounder"]

@@ -1,0 +1,1 @@
+"""Real tasks used by the demo and the README."""
