@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
 import pytest
 
 from backgrounder import (
     Assets,
     ConfigurationError,
     Job,
-    JobManager,
     JobStatus,
     NoopRunner,
     ResourceLimits,
@@ -28,48 +25,14 @@ from backgrounder.isolation import ChildTaskError, ProcessIsolationError, Proces
 from backgrounder.models import ErrorCode
 from backgrounder_testing import run_task
 from tests.backgrounder import _isolation_tasks as tasks
+from tests.backgrounder._isolation_support import child_pid, gone
+from tests.backgrounder._isolation_support import (  # an autouse fixture
+    no_child_left_behind as no_child_left_behind,
+)
 from tests.conftest import ManagerFactory, wait_for
 
 #: Every test here runs real processes in real time; none may hang the suite.
 BOUND = 30.0
-
-
-def _spawned_children() -> list[psutil.Process]:
-    """Children of this process started by multiprocessing's spawn (ours)."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if any("spawn_main" in part for part in child.cmdline()):
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_child_left_behind() -> Iterator[None]:
-    """Fail a test that leaves a child process running after its managers close."""
-    yield
-    left = [p for p in _spawned_children() if p.status() != psutil.STATUS_ZOMBIE]
-    for process in left:
-        process.kill()
-    assert not left, f"child processes left behind: {[p.pid for p in left]}"
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
-
-
-async def _child_pid(manager: JobManager, job_id: str) -> int:
-    """Wait until the job's runner reports the pid of the child it runs in."""
-    async for event in manager.events(job_id):
-        message = event.job.progress.message
-        if event.job.status == JobStatus.running and message and message.isdigit():
-            return int(message)
-    raise AssertionError(f"job {job_id} ended before its child reported a pid")
 
 
 @pytest.fixture
@@ -91,7 +54,7 @@ def _job(**fields: object) -> Job:
 @pytest.mark.parametrize(
     "runner", [tasks.BusyLoop(), tasks.AsyncBusyLoop()], ids=["sync", "async"]
 )
-async def test_b11_busy_task_times_out_and_its_child_is_gone(
+async def test_b11_busy_task_times_out_and_its_child_isgone(
     make_manager: ManagerFactory, runner: object
 ) -> None:
     """A busy loop with timeout_seconds=1 fails (timeout); its child is gone."""
@@ -101,13 +64,13 @@ async def test_b11_busy_task_times_out_and_its_child_is_gone(
     async with asyncio.timeout(BOUND):
         await spec.runner.prestart()
         job = await manager.submit("cpu_block")
-        pid = await _child_pid(manager, job.id)
+        pid = await child_pid(manager, job.id)
 
         failed = await wait_for(manager, job.id, "failed")
 
     assert failed.error is not None
     assert failed.error.code == ErrorCode.timeout
-    assert _gone(pid)
+    assert gone(pid)
     assert spec.runner.pids() == []
     assert failed.assets is None
 
@@ -123,7 +86,7 @@ async def test_b11_event_loop_answers_while_children_burn_cpu(
     async with asyncio.timeout(BOUND):
         await spec.runner.prestart(children=2)
         blocks = [await manager.submit("cpu_block") for _ in range(2)]
-        pids = [await _child_pid(manager, job.id) for job in blocks]
+        pids = [await child_pid(manager, job.id) for job in blocks]
 
         reads = [await manager.get(blocks[0].id) for _ in range(20)]
         quick = await manager.submit("quick")
@@ -138,7 +101,7 @@ async def test_b11_event_loop_answers_while_children_burn_cpu(
     assert done.status == JobStatus.done
     assert [job.status for job in still] == [JobStatus.running] * 2
     assert all(job.error and job.error.code == ErrorCode.canceled for job in ended)
-    assert all(_gone(pid) for pid in pids)
+    assert all(gone(pid) for pid in pids)
 
 
 async def test_b12_timed_out_children_free_their_slots(
@@ -181,7 +144,7 @@ async def test_b19_cancel_of_sleeping_sync_task_ends_canceled_within_grace(
     async with asyncio.timeout(BOUND):
         await spec.runner.prestart()
         job = await manager.submit("sleepy")
-        pid = await _child_pid(manager, job.id)
+        pid = await child_pid(manager, job.id)
 
         requested = await manager.cancel(job.id)
         canceled = await wait_for(manager, job.id, "canceled", timeout=5)
@@ -189,7 +152,7 @@ async def test_b19_cancel_of_sleeping_sync_task_ends_canceled_within_grace(
     assert requested.status == JobStatus.running and requested.cancel_requested
     assert canceled.error is not None and canceled.error.code == ErrorCode.canceled
     assert canceled.assets is None
-    assert _gone(pid)
+    assert gone(pid)
 
 
 async def test_b19_stubborn_async_task_is_stopped_and_its_reservation_freed(
@@ -212,7 +175,7 @@ async def test_b19_stubborn_async_task_is_stopped_and_its_reservation_freed(
     )
     async with asyncio.timeout(BOUND):
         job = await manager.submit("stubborn")
-        pid = await _child_pid(manager, job.id)
+        pid = await child_pid(manager, job.id)
         waiting = await manager.submit("next")
 
         await manager.cancel(job.id)
@@ -221,7 +184,7 @@ async def test_b19_stubborn_async_task_is_stopped_and_its_reservation_freed(
 
     assert canceled.error is not None and canceled.error.code == ErrorCode.canceled
     assert (tmp_path / f"finally-{job.id}").exists()
-    assert _gone(pid)
+    assert gone(pid)
     assert admitted.status == JobStatus.done
 
 
@@ -234,7 +197,7 @@ async def test_cooperative_cancel_keeps_the_child_warm(
     manager = await make_manager(registry, worker_count=1, cancel_grace_seconds=10)
     async with asyncio.timeout(BOUND):
         job = await manager.submit("polite")
-        pid = await _child_pid(manager, job.id)
+        pid = await child_pid(manager, job.id)
         await manager.cancel(job.id)
         canceled = await wait_for(manager, job.id, "canceled")
 
@@ -259,7 +222,7 @@ async def test_child_killed_from_outside_fails_attempt_and_retry_uses_new_child(
     manager = await make_manager(registry, worker_count=1, retry_backoff_seconds=0.01)
     async with asyncio.timeout(BOUND):
         job = await manager.submit("fragile")
-        pid = await _child_pid(manager, job.id)
+        pid = await child_pid(manager, job.id)
 
         os.kill(pid, signal.SIGKILL)
         done = await wait_for(manager, job.id, "done")
@@ -270,7 +233,7 @@ async def test_child_killed_from_outside_fails_attempt_and_retry_uses_new_child(
     assert done.errors[0].type == "ChildProcessLostError"
     assert done.assets is not None
     assert done.assets.custom["pid"] != pid
-    assert _gone(pid)
+    assert gone(pid)
 
 
 async def test_child_exit_past_retries_fails_with_worker_lost(
@@ -282,7 +245,7 @@ async def test_child_exit_past_retries_fails_with_worker_lost(
     manager = await make_manager(registry, worker_count=1)
     async with asyncio.timeout(BOUND):
         job = await manager.submit("fragile")
-        pid = await _child_pid(manager, job.id)
+        pid = await child_pid(manager, job.id)
         os.kill(pid, signal.SIGKILL)
         failed = await wait_for(manager, job.id, "failed")
 
@@ -315,7 +278,7 @@ async def test_setup_runs_once_per_child_for_many_jobs(
         f"teardown-{pid}",
     ]
     assert spec.runner.pids() == []
-    assert _gone(pid)
+    assert gone(pid)
 
 
 async def test_max_jobs_per_child_recycles_the_child(
@@ -500,7 +463,7 @@ async def test_aclose_stops_children_and_the_runner_stays_usable() -> None:
         async with asyncio.timeout(BOUND):
             first = await runner.prestart(children=2)
             await runner.aclose()
-            gone = [_gone(pid) for pid in first]
+            gone = [gone(pid) for pid in first]
             out = await runner.execute(_job(params={"wait": False}), RunContext(_job()))
     finally:
         await runner.aclose()
@@ -574,7 +537,7 @@ def test_runner_used_from_a_new_event_loop_replaces_its_children() -> None:
     second = asyncio.run(run_and_close())
 
     assert second != first
-    assert _gone(first) and _gone(second)
+    assert gone(first) and gone(second)
 
 
 async def test_run_task_harness_runs_a_process_runner() -> None:
