@@ -159,6 +159,46 @@ async def hard_timeout(directory: Path) -> tuple[float, bool]:
     return (failed.finished_at - failed.started_at).total_seconds(), gone
 
 
+async def get_latency(isolation: str | None, directory: Path) -> list[float]:
+    """Return GET /jobs/{id} latencies (ms) while two tasks busy-loop (B11)."""
+    import httpx
+    from fastapi import FastAPI
+
+    from backgrounder import setup_backgrounder
+
+    registry = TaskRegistry()
+    spec = registry.add("spin", Spin(), isolation=isolation)
+    app = FastAPI()
+    manager = setup_backgrounder(
+        app,
+        db_path=directory / f"http-{isolation or 'thread'}.db",
+        registry=registry,
+        worker_count=2,
+        cancel_grace_seconds=1,
+    )
+    latencies: list[float] = []
+    await manager.start()
+    try:
+        if isinstance(spec.runner, ProcessRunner):
+            await spec.runner.prestart(children=2)
+        spins = [(await manager.submit("spin")).id for _ in range(2)]
+        for job_id in spins:
+            await _until(manager, job_id, "running")
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://b") as c:
+            for _ in range(100):
+                before = time.perf_counter()
+                response = await c.get(f"/api/v1/jobs/{spins[0]}")
+                latencies.append((time.perf_counter() - before) * 1000)
+                assert response.status_code == 200
+                await asyncio.sleep(0.01)
+        for job_id in spins:
+            await manager.cancel(job_id)
+    finally:
+        await manager.close()
+    return latencies
+
+
 def _summary(late: list[float]) -> str:
     ordered = sorted(late)
     p99 = ordered[int(len(ordered) * 0.99) - 1]
@@ -189,6 +229,11 @@ async def main(jobs: int) -> None:
         print("event-loop lag of a 10 ms sleep while two tasks busy-loop (B11)")
         print(f"  in child processes  {_summary(await loop_lag('process', directory))}")
         print(f"  in threads (GIL)    {_summary(await loop_lag(None, directory))}")
+        print("GET /jobs/{id} latency while two tasks busy-loop (B11)")
+        print(
+            f"  in child processes  {_summary(await get_latency('process', directory))}"
+        )
+        print(f"  in threads (GIL)    {_summary(await get_latency(None, directory))}")
 
 
 if __name__ == "__main__":
