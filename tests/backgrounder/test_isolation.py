@@ -463,12 +463,12 @@ async def test_aclose_stops_children_and_the_runner_stays_usable() -> None:
         async with asyncio.timeout(BOUND):
             first = await runner.prestart(children=2)
             await runner.aclose()
-            gone = [gone(pid) for pid in first]
+            ended = [gone(pid) for pid in first]
             out = await runner.execute(_job(params={"wait": False}), RunContext(_job()))
     finally:
         await runner.aclose()
 
-    assert gone == [True, True]
+    assert ended == [True, True]
     assert out is not None and out.custom["pid"] not in first
 
 
