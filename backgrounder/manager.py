@@ -405,6 +405,12 @@ class JobManager:
         job = await self.store.get(job_id)
         if job is None:
             raise JobNotFoundError(job_id)
+        if job.status == JobStatus.running and self.worker is not None:
+            # Store writes of progress are coalesced; a job running here has
+            # fresher progress in memory, so readers see it at once.
+            live = self.worker.live_progress(job.id, job.attempt)
+            if live is not None:
+                job = job.model_copy(update={"progress": live})
         return job
 
     async def list(
@@ -750,9 +756,12 @@ class JobManager:
         )
         if updated is None:
             return None
-        if delay is not None:
+        if delay is not None and updated.run_after is not None:
+            # The stored run_after is the truth: measure the delay from now, not
+            # from before the write, so time that passed meanwhile is not added.
+            remaining = (updated.run_after - self.clock.now()).total_seconds()
             await self.queue.push(
-                updated.id, priority=updated.priority, delay_seconds=delay
+                updated.id, priority=updated.priority, delay_seconds=max(0, remaining)
             )
         await self.emit("status", updated)
         return updated

@@ -206,6 +206,13 @@ class Worker:
         """Ids of jobs this worker is running now."""
         return set(self.running)
 
+    def live_progress(self, job_id: str, attempt: int) -> Progress | None:
+        """Return the latest progress of an attempt running here, else None."""
+        execution = self.running.get(job_id)
+        if execution is None or execution.job.attempt != attempt:
+            return None
+        return execution.ctx.last_progress
+
     def status(self) -> dict[str, Any]:
         """Return the worker's health: alive, slots, running and zombie counts."""
         alive = self._loop_task is not None and not self._loop_task.done()

@@ -285,8 +285,17 @@ class SqliteStore(JobStore):
                     future.set_exception(StoreError(f"store {self!r} was closed"))
 
     async def ping(self) -> None:
-        """Take the write lock once, so a read-only or locked file shows up."""
-        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        """Take the write lock once, so a read-only or locked file shows up.
+
+        Raises:
+            StoreError: The file is not writable (read-only, locked, disk full).
+        """
+        try:
+            await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        except StoreError as exc:
+            raise StoreError(
+                f"SQLite store {self.path!r} is not writable: {exc.__cause__ or exc}"
+            ) from exc
 
     async def create(
         self, job: Job, *, idempotency_expires_at: datetime | None = None
