@@ -636,10 +636,19 @@ class JobManager:
                 except TimeoutError:
                     event = None
                 if event is None:
-                    fresh = await self.store.get(job_id)
-                    if fresh is None:
+                    try:
+                        fresh = await self.get(job_id)
+                    except JobNotFoundError:
                         return
                     event = JobEvent(kind="status", job=fresh)
+                if _progress_older(event.job, job):
+                    # A store read can lag the in-memory progress of the same
+                    # attempt (writes are coalesced): never show progress going
+                    # back, but keep the read's other news (a cancel request).
+                    event = JobEvent(
+                        kind=event.kind,
+                        job=event.job.model_copy(update={"progress": job.progress}),
+                    )
                 mark = _fingerprint(event.job)
                 if mark == last:
                     continue
@@ -821,6 +830,16 @@ class JobManager:
                 "the JobManager is not started; use 'async with JobManager(...)' or "
                 "await manager.start() (setup_backgrounder does it in the app lifespan)"
             )
+
+
+def _progress_older(candidate: Job, shown: Job) -> bool:
+    """True when ``candidate`` holds older progress of the attempt already shown."""
+    if candidate.attempt != shown.attempt:
+        return False
+    new, old = candidate.progress.updated_at, shown.progress.updated_at
+    if old is None:
+        return False
+    return new is None or new < old
 
 
 def _fingerprint(job: Job) -> tuple[Any, ...]:
