@@ -503,7 +503,12 @@ class JobManager:
                 )
                 updated = await self.store.update(
                     job_id,
-                    {"status": JobStatus.canceled, "finished_at": now, "error": error},
+                    {
+                        "status": JobStatus.canceled,
+                        "finished_at": now,
+                        "error": error,
+                        APPEND_ERROR: error,
+                    },
                     expect_status={JobStatus.queued},
                     expect_attempt=job.attempt,
                 )

@@ -32,6 +32,7 @@ from backgrounder.models import (
     Progress,
 )
 from backgrounder.resources import Reservation
+from backgrounder.store.base import APPEND_ERROR
 from backgrounder.tasks import RunContext, TaskSpec
 
 if TYPE_CHECKING:
@@ -842,6 +843,7 @@ class Worker:
                     "finished_at": self.clock.now(),
                     "progress": progress,
                     "error": outcome.error,
+                    APPEND_ERROR: outcome.error,
                     "lease_expires_at": None,
                 },
                 **cas,  # type: ignore[arg-type]
