@@ -556,6 +556,17 @@ class JobManager:
             JobNotFoundError: No job has that id.
             JobStateError: The job is not failed or canceled.
         """
+        for _ in range(10):
+            updated = await self._retry_once(job_id)
+            if updated is not None:
+                return updated
+        raise JobStateError(
+            f"job {job_id!r} changed state too often to retry; try again",
+            job_id=job_id,
+            status="unknown",
+        )
+
+    async def _retry_once(self, job_id: str) -> Job | None:
         job = await self.get(job_id)
         if job.status not in (JobStatus.failed, JobStatus.canceled):
             raise JobStateError(
@@ -584,7 +595,7 @@ class JobManager:
             expect_attempt=job.attempt,
         )
         if updated is None:
-            return await self.retry(job_id)
+            return None
         await self.queue.push(job_id, priority=updated.priority)
         logger.info(
             "job %s queued again by hand as attempt %d",
@@ -745,14 +756,60 @@ class JobManager:
             expect_status={JobStatus.running},
             expect_attempt=job.attempt,
             expect_worker=worker_id,
+            # A retry must not swallow a cancel the user was told was accepted.
+            expect_cancel_requested=False if delay is not None else None,
         )
         if updated is None:
+            if delay is not None:
+                return await self._cancel_instead(job, error, worker_id, progress)
             return None
         if delay is not None:
             await self.queue.push(
                 updated.id, priority=updated.priority, delay_seconds=delay
             )
         await self.emit("status", updated)
+        return updated
+
+    async def _cancel_instead(
+        self,
+        job: Job,
+        error: ErrorInfo,
+        worker_id: str | None,
+        progress: Progress | None,
+    ) -> Job | None:
+        """End an attempt as canceled when a cancel request beat its retry."""
+        canceled = ErrorInfo(
+            code=ErrorCode.canceled,
+            message=f"canceled by request; the attempt ended with {error.code}: "
+            f"{error.message}"[:4000],
+            type=error.type,
+            stage=error.stage,
+            attempt=job.attempt,
+        )
+        fields: dict[str, Any] = {
+            "status": JobStatus.canceled,
+            "finished_at": self.clock.now(),
+            "error": canceled,
+            APPEND_ERROR: canceled,
+            "lease_expires_at": None,
+        }
+        if progress is not None:
+            fields["progress"] = progress
+        updated = await self.store.update(
+            job.id,
+            fields,
+            expect_status={JobStatus.running},
+            expect_attempt=job.attempt,
+            expect_worker=worker_id,
+            expect_cancel_requested=True,
+        )
+        if updated is not None:
+            logger.info(
+                "job %s canceled: its cancel request came before the retry",
+                job.id,
+                extra=job_log_extra(updated, event="job.canceled"),
+            )
+            await self.emit("status", updated)
         return updated
 
     def backoff_seconds(self, retries: int) -> float:

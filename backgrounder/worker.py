@@ -492,6 +492,18 @@ class Worker:
                     await self._force_stop(execution, run)
                     return _Outcome(kind="error", error=self._timeout_error(execution))
                 if grace is not None and grace in done:
+                    if self._thread_running(execution):
+                        # A thread cannot be stopped: the job stays running with
+                        # cancel_requested until the runner returns.
+                        logger.warning(
+                            "job %s: sync runner ignored the cancel for %.1f s; it "
+                            "stays running until it returns",
+                            job.id,
+                            self.settings.cancel_grace_seconds,
+                            extra=job_log_extra(job, event="job.cancel_ignored"),
+                        )
+                        grace = asyncio.get_running_loop().create_future()
+                        continue
                     await self._force_stop(execution, run)
                     return _Outcome(
                         kind="canceled", error=self._cancel_error(execution)
@@ -512,6 +524,12 @@ class Worker:
                 if future is not None:
                     future.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+
+    @staticmethod
+    def _thread_running(execution: _Execution) -> bool:
+        """True while a sync runner's thread has not returned."""
+        done = execution.thread_done
+        return done is not None and not done.is_set()
 
     async def _force_stop(
         self, execution: _Execution, run: asyncio.Future[Any]
@@ -563,7 +581,9 @@ class Worker:
         return await result
 
     def _outcome_of(self, execution: _Execution, run: asyncio.Future[Any]) -> _Outcome:
-        if run.cancelled():
+        if run.cancelled() or execution.ctx.canceled:
+            # Once a cancel was delivered the attempt ends canceled, whatever the
+            # runner returned or raised: no result is stored, no retry is made.
             return _Outcome(kind="canceled", error=self._cancel_error(execution))
         exc = run.exception()
         if exc is None:
@@ -816,8 +836,13 @@ class Worker:
                     "error": None,
                     "lease_expires_at": None,
                 },
+                expect_cancel_requested=False,
                 **cas,  # type: ignore[arg-type]
             )
+            if updated is None:
+                # A cancel accepted while the result was on its way wins: the
+                # user was told the job is being canceled, so it never ends done.
+                outcome = _Outcome(kind="canceled", error=self._cancel_error(execution))
             if updated is not None:
                 logger.info(
                     "job %s done in %.3f s",
@@ -831,9 +856,7 @@ class Worker:
                     ),
                 )
                 await manager.emit("status", updated)
-            else:
-                self._log_stale(job, "done")
-            return
+                return
         assert outcome.error is not None
         if outcome.kind == "canceled":
             updated = await manager.store.update(

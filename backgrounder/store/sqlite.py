@@ -306,6 +306,7 @@ class SqliteStore(JobStore):
         expect_status: Collection[JobStatus] | None = None,
         expect_attempt: int | None = None,
         expect_worker: str | None = None,
+        expect_cancel_requested: bool | None = None,
     ) -> Job | None:
         """Compare-and-set the named fields in one UPDATE ... RETURNING."""
         sets: list[str] = []
@@ -333,6 +334,9 @@ class SqliteStore(JobStore):
         if expect_worker is not None:
             where.append("worker_id = ?")
             args.append(expect_worker)
+        if expect_cancel_requested is not None:
+            where.append("cancel_requested = ?")
+            args.append(int(expect_cancel_requested))
         sql = (
             f"UPDATE jobs SET {', '.join(sets)} WHERE {' AND '.join(where)} "
             f"RETURNING seq, {', '.join(_COLUMNS)}"
