@@ -56,7 +56,9 @@ class MemoryQueue(JobQueue):
     async def push(
         self, job_id: str, *, priority: int, delay_seconds: float = 0.0
     ) -> None:
-        if job_id in self._claimed:
+        if job_id in self._claimed or job_id in self._entries:
+            # Already waiting: keep its place, so a re-push (start-up restore, the
+            # stale-job pass) never moves it behind jobs submitted after it.
             return
         seq = next(self._seq)
         due = self._clock.monotonic() + delay_seconds if delay_seconds > 0 else 0.0
