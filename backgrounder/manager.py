@@ -632,12 +632,7 @@ class JobManager:
             last = _fingerprint(job)
             yield JobEvent(kind="status", job=job)
             while not job.is_terminal:
-                try:
-                    event: JobEvent | None = await asyncio.wait_for(
-                        queue.get(), self.settings.event_poll_seconds
-                    )
-                except TimeoutError:
-                    event = None
+                event = await self._next_event(queue)
                 if event is None:
                     fresh = await self.store.get(job_id)
                     if fresh is None:
@@ -651,6 +646,26 @@ class JobManager:
                 yield JobEvent(kind=kind, job=job)
         finally:
             self.events_bus.unsubscribe(job_id, queue)
+
+    async def _next_event(self, queue: asyncio.Queue[JobEvent]) -> JobEvent | None:
+        """Return the next published event, or None after event_poll_seconds.
+
+        The wait is on the manager's clock, like every other duration.
+        """
+        if not queue.empty():
+            return queue.get_nowait()
+        getter = asyncio.ensure_future(queue.get())
+        timer = asyncio.ensure_future(
+            self.clock.sleep(self.settings.event_poll_seconds)
+        )
+        try:
+            await asyncio.wait({getter, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return None
 
     # ------------------------------------------------------------ recovery
 
