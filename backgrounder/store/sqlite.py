@@ -7,6 +7,7 @@ import builtins
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Collection, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -164,9 +165,11 @@ class SqliteStore(JobStore):
                 )
         db = None
         try:
-            db = await aiosqlite.connect(
+            connecting = aiosqlite.connect(
                 self.path, timeout=self.busy_timeout_seconds, isolation_level=None
             )
+            _daemonize(connecting)
+            db = await connecting
             db.row_factory = aiosqlite.Row
             await db.execute(
                 f"PRAGMA busy_timeout = {int(self.busy_timeout_seconds * 1000)}"
@@ -188,6 +191,11 @@ class SqliteStore(JobStore):
         db, self._db = self._db, None
         if db is not None:
             await db.close()
+            # close() returns before the connection's thread has ended; wait for
+            # it, so the thread count is back to where it was once close returns.
+            thread = getattr(db, "_thread", None)
+            if isinstance(thread, threading.Thread) and thread.is_alive():
+                await asyncio.to_thread(thread.join, 5.0)
 
     async def ping(self) -> None:
         """Run a write-lock check so a read-only or locked file shows up."""
@@ -380,6 +388,17 @@ class SqliteStore(JobStore):
 
 
 _COLUMN_SET = frozenset(_COLUMNS) - {"id"}
+
+
+def _daemonize(connection: aiosqlite.Connection) -> None:
+    """Make the connection's thread a daemon before it starts.
+
+    From aiosqlite 0.22 the thread is not a daemon, so a store that is never
+    closed (a JobManager dropped without close()) would keep Python from exiting.
+    """
+    thread = getattr(connection, "_thread", None)
+    if isinstance(thread, threading.Thread) and not thread.is_alive():
+        thread.daemon = True
 
 
 @hookimpl
