@@ -270,7 +270,7 @@ async def test_b04_kill_between_dequeue_and_running_orphans_nothing(
     tmp_path: Path, slow_claim: bool
 ) -> None:
     """Workers SIGKILLed at random points: every job ends done exactly once."""
-    await _b04(tmp_path, rounds=10, slow_claim=slow_claim)
+    await _b04(tmp_path, rounds=6, slow_claim=slow_claim)
 
 
 @pytest.mark.slow
@@ -330,16 +330,19 @@ async def _b28(tmp_path: Path, jobs_per_process: int) -> None:
 async def test_b28_two_processes_tight_progress_no_database_locked(
     tmp_path: Path,
 ) -> None:
-    """Two processes, 4 workers each, 50 progress writes per job: all done at 100."""
-    await _b28(tmp_path, jobs_per_process=50)
+    """Two processes, 4 workers each, 50 progress writes per job: all done at 100.
+
+    200 jobs in all, 100 of them submitted at once beside list polls.
+    """
+    await _b28(tmp_path, jobs_per_process=100)
 
 
 @pytest.mark.slow
 async def test_b28_two_processes_tight_progress_no_database_locked_long(
     tmp_path: Path,
 ) -> None:
-    """The 2 x 100-job variant."""
-    await _b28(tmp_path, jobs_per_process=100)
+    """The 2 x 400-job variant."""
+    await _b28(tmp_path, jobs_per_process=400)
 
 
 # ------------------------------------------------------------ B29
