@@ -240,6 +240,11 @@ class JobManager:
         None means no limit. The same ``idempotency_key`` with the same task and
         params returns the existing job.
 
+        ``priority`` (0-100) is strict: a waiting job of higher priority always
+        starts first, and jobs of one priority start in submission order. There
+        is no aging, so a low-priority job waits for as long as higher-priority
+        jobs keep arriving; give work that must not starve an equal priority.
+
         Raises:
             UnknownTaskError: No task of that name is registered.
             InvalidParamsError: Params are not a JSON object of JSON values.

@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 class MemoryQueue(JobQueue):
     """A priority queue in this process's memory, with delays and claim leases.
 
+    Priority is strict (higher first, FIFO within a priority, no aging): a
+    low-priority job waits as long as higher-priority jobs keep arriving.
+
     Only one process sees it, so it suits the embedded default: the store holds
     every queued job, and the manager refills the queue from the store at start-up.
 
