@@ -14,10 +14,10 @@ from backgrounder_testing import FakeClock
 class Probe:
     """An async runner the test steers through the job's params.
 
-    ``name`` tags the job; ``block`` makes it wait on ``gates[name]``; ``fail`` makes
-    it raise (``fail_on``: only on those attempts); ``per_attempt`` tags each
-    attempt as ``name#attempt``; ``stage`` is reported as progress before anything else. Every start
-    is recorded in ``order`` and ``runs``, and sets ``started[name]``.
+    ``name`` tags the job; ``block`` makes it wait on ``gates[name]``; ``fail``
+    makes it raise (``fail_on``: only on those attempts); ``per_attempt`` tags
+    each attempt as ``name#attempt``; ``stage`` is reported as progress first.
+    Every start is recorded in ``order`` and ``runs`` and sets ``started[name]``.
     """
 
     def __init__(self) -> None:

@@ -29,7 +29,6 @@ from backgrounder import (
 )
 from backgrounder.errors import InvalidParamsError, JobStateError, SubmitError
 from backgrounder_testing import FakeClock
-
 from tests.backgrounder.casekit import Probe, drive_until, settle, started
 from tests.conftest import ManagerFactory, wait_for
 
@@ -333,9 +332,7 @@ async def test_b16_cancel_gets_through_while_every_slot_is_busy(
     registry = TaskRegistry()
     registry.add("coop", Cooperative())
     registry.add("quick", NoopRunner(sleep_ms=0))
-    manager = await make_manager(
-        registry, clock=clock, worker_count=1, lease_seconds=3
-    )
+    manager = await make_manager(registry, clock=clock, worker_count=1, lease_seconds=3)
     a = await manager.submit("coop")
     queued = [(await manager.submit("quick", {"i": i})).id for i in range(5)]
     running = await wait_for(manager, a.id, "running")
@@ -679,7 +676,9 @@ async def test_b43_wall_clock_jumps_change_no_timeout_or_recovery(
     manager = await make_manager(
         registry, clock=clock, lease_seconds=3, recovery_interval_seconds=0.5
     )
-    job = await manager.submit("probe", {"name": "j", "block": True}, timeout_seconds=10)
+    job = await manager.submit(
+        "probe", {"name": "j", "block": True}, timeout_seconds=10
+    )
     await started(probe, "j")
     start = clock.monotonic()
 

@@ -22,7 +22,6 @@ from backgrounder import (
 from backgrounder.errors import IdempotencyConflictError
 from backgrounder.settings import ManagerSettings
 from backgrounder_testing import FakeClock
-
 from tests.backgrounder.casekit import Probe, drive_until, settle, started
 from tests.conftest import ManagerFactory, wait_for
 
@@ -129,7 +128,10 @@ async def test_twenty_concurrent_submits_with_one_key_make_one_job(
     manager = await make_manager(registry, worker_count=0)
 
     results = await asyncio.gather(
-        *(manager.submit_or_get("noop", {"a": 1}, idempotency_key="k") for _ in range(20))
+        *(
+            manager.submit_or_get("noop", {"a": 1}, idempotency_key="k")
+            for _ in range(20)
+        )
     )
 
     assert len({job.id for job, _ in results}) == 1
@@ -307,9 +309,7 @@ async def test_priority_order_and_fifo_within_a_priority(
     blocker = await manager.submit("probe", {"name": "X", "block": True})
     await started(probe, "X")
     plan = [("a", 10), ("b", 90), ("c", 50), ("d", 90), ("e", 10), ("f", 50)]
-    ids = [
-        (await manager.submit("probe", {"name": n}, priority=p)).id for n, p in plan
-    ]
+    ids = [(await manager.submit("probe", {"name": n}, priority=p)).id for n, p in plan]
 
     probe.gates["X"].set()
     await wait_for(manager, blocker.id, "done")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+from backgrounder import TaskRegistry
 from backgrounder.queue.memory import MemoryQueue
 from backgrounder_testing import FakeClock
-
 from tests.backgrounder.casekit import Probe, drive_until, started
 from tests.conftest import ManagerFactory, wait_for
-
-from backgrounder import TaskRegistry
 
 
 async def _drain(queue: MemoryQueue) -> list[str]:
@@ -61,9 +59,7 @@ async def test_queue_job_waiting_past_a_lease_keeps_fifo_order(
     probe = Probe()
     registry = TaskRegistry()
     registry.add("probe", probe)
-    manager = await make_manager(
-        registry, clock=clock, worker_count=1, lease_seconds=3
-    )
+    manager = await make_manager(registry, clock=clock, worker_count=1, lease_seconds=3)
     x = await manager.submit("probe", {"name": "X", "block": True})
     await started(probe, "X")
     a = await manager.submit("probe", {"name": "a"})

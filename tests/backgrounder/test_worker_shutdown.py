@@ -6,7 +6,6 @@ import asyncio
 
 from backgrounder import JobManager, JobStatus, TaskRegistry
 from backgrounder_testing import FakeClock
-
 from tests.backgrounder.casekit import Probe, started
 from tests.conftest import ManagerFactory, wait_for
 

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from backgrounder import (  # noqa: E402
+from backgrounder import (
     Job,
     JobManager,
     JobStatus,
@@ -34,7 +34,7 @@ from backgrounder import (  # noqa: E402
     Stage,
     TaskRegistry,
 )
-from backgrounder.queue.memory import MemoryQueue  # noqa: E402
+from backgrounder.queue.memory import MemoryQueue
 
 
 def say(*parts: object) -> None:
@@ -199,7 +199,12 @@ async def b29(db: str, mode: str) -> int:
             for call in calls[::2]:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
-    say("threads", before, threading.active_count(), [t.name for t in threading.enumerate()])
+    say(
+        "threads",
+        before,
+        threading.active_count(),
+        [t.name for t in threading.enumerate()],
+    )
     return 0
 
 

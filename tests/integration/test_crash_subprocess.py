@@ -23,7 +23,6 @@ import pytest
 
 from backgrounder import JobManager, JobStatus, TaskRegistry
 from backgrounder.models import Job
-
 from tests.conftest import wait_for
 
 CHILD = Path(__file__).with_name("crash_child.py")
@@ -98,7 +97,9 @@ class Child:
         ]
 
 
-async def submit(db: Path, *jobs: tuple[str, dict[str, Any], dict[str, Any]]) -> list[Job]:
+async def submit(
+    db: Path, *jobs: tuple[str, dict[str, Any], dict[str, Any]]
+) -> list[Job]:
     """Store jobs through a manager with no workers, then close it."""
     registry = TaskRegistry()
     for task in ("work", "chatty", "flaky", "noop"):
@@ -127,7 +128,9 @@ def raw_lease(db: Path, job_id: str) -> float:
     return float(row[0])
 
 
-async def run_until_idle(db: Path, options: dict[str, Any], restarts: int) -> list[Child]:
+async def run_until_idle(
+    db: Path, options: dict[str, Any], restarts: int
+) -> list[Child]:
     """Run ``until-idle`` children, restarting after each crash; return them all."""
     children = []
     for _ in range(restarts):
@@ -312,7 +315,9 @@ async def _b28(tmp_path: Path, jobs_per_process: int) -> None:
 
         await asyncio.gather(poll(), poll())
         finals = [await wait_for(here, j.id, timeout=60) for j in mine]
-        summary = json.loads((await child.line("summary", timeout=120)).split(" ", 1)[1])
+        summary = json.loads(
+            (await child.line("summary", timeout=120)).split(" ", 1)[1]
+        )
         code, err = await child.finish()
         health = await here.health()
 
@@ -390,7 +395,9 @@ async def test_b42_timestamps_are_utc_whatever_the_host_time_zone(
     for job in (failed, done):
         for name in ("created_at", "started_at", "finished_at", "updated_at"):
             stamp = datetime.fromisoformat(job[name])
-            assert stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0
+            assert (
+                stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0
+            )
     created = datetime.fromisoformat(done["created_at"])
     assert abs(created.timestamp() - before) < 2 + (time.time() - before)
     assert done["created_at"] == failed["created_at"]
