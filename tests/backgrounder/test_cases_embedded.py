@@ -87,7 +87,7 @@ async def test_b01_orphaned_job_is_recovered_within_three_heartbeats(
     await started(probe, "s#2")
     probe.gates["s#2"].set()
     done = await wait_for(w2, job.id, "done")
-    assert (done.attempt, done.worker_id) == (2, "w2") or done.attempt == 2
+    assert done.attempt == 2
 
 
 # ---------------------------------------------------------------- B12
@@ -852,7 +852,7 @@ async def test_b29_dropped_manager_warns(tmp_path: Path) -> None:
     await manager.close()
 
 
-async def test_b13_b16_cancel_of_done_job_is_a_conflict(
+async def test_b15_cancel_of_a_done_job_is_a_conflict(
     make_manager: ManagerFactory,
 ) -> None:
     """Canceling a done job raises JobStateError; the job stays done."""
