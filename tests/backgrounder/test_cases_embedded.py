@@ -866,3 +866,36 @@ async def test_b15_cancel_of_a_done_job_is_a_conflict(
         await manager.cancel(job.id)
     assert (await manager.get(job.id)).status == JobStatus.done
     assert (await manager.assets(job.id)) == Assets(custom={"stages": 5})
+
+
+@pytest.mark.parametrize("ending", ["returns", "raises"])
+async def test_b15_cancel_from_another_process_beats_the_attempts_ending(
+    make_manager: ManagerFactory, clock: FakeClock, ending: str
+) -> None:
+    """A cancel accepted by another process before the worker heard of it still wins.
+
+    The attempt ends (returning, or raising with retries left) before any
+    heartbeat tells the worker of the cancel: the job ends canceled, with no
+    result stored and no retry run.
+    """
+    probe = Probe()
+    registry = TaskRegistry()
+    registry.add("probe", probe)
+    worker = await make_manager(registry, clock=clock, retry_backoff_seconds=0)
+    other = await make_manager(registry, clock=FakeClock(), worker_count=0)
+    params: dict[str, Any] = {"name": "j", "block": True}
+    if ending == "raises":
+        params["fail_on"] = [1]
+    job = await worker.submit("probe", params, max_retries=3)
+    await started(probe, "j")
+
+    answer = await other.cancel(job.id)
+    assert (answer.status, answer.cancel_requested) == ("running", True)
+    probe.gates["j"].set()
+    final = await wait_for(worker, job.id)
+
+    assert final.status == JobStatus.canceled
+    assert final.assets is None
+    assert final.attempt == 1
+    assert final.error is not None and final.error.code == "canceled"
+    assert probe.runs["j"] == 1
