@@ -148,6 +148,7 @@ class Worker:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+            await self._return_unlaunched()
         if self._cancel_listener is not None:
             self._cancel_listener.cancel()
             await asyncio.gather(self._cancel_listener, return_exceptions=True)
@@ -170,6 +171,53 @@ class Worker:
             self.worker_id,
             extra={"event": "worker.stopped", "worker_id": self.worker_id},
         )
+
+    async def _return_unlaunched(self) -> None:
+        """Queue again, uncharged, jobs this worker made running but never launched.
+
+        Stopping the claim loop can interrupt a claim between the store write that
+        makes a job running and its launch; without this the job would wait for
+        its lease to run out and be charged an attempt as ``worker_lost``.
+        """
+        store, queue = self.manager.store, self.manager.queue
+        horizon = self.clock.now() + timedelta(seconds=2 * self.settings.lease_seconds)
+        try:
+            candidates = await store.find_expired(horizon, limit=1000)
+            for job in candidates:
+                if job.worker_id != self.worker_id or job.id in self.running:
+                    continue
+                restored = await store.update(
+                    job.id,
+                    {
+                        "status": JobStatus.queued,
+                        "worker_id": None,
+                        "started_at": None,
+                        "lease_expires_at": None,
+                    },
+                    expect_status={JobStatus.running},
+                    expect_attempt=job.attempt,
+                    expect_worker=self.worker_id,
+                )
+                if restored is None:
+                    continue
+                await queue.ack(job.id)
+                await queue.push(job.id, priority=job.priority)
+                logger.info(
+                    "job %s: claimed as the worker stopped; queued again, no "
+                    "attempt charged",
+                    job.id,
+                    extra=job_log_extra(
+                        job, event="job.requeued", worker_id=self.worker_id
+                    ),
+                )
+        except BackendError as exc:
+            logger.warning(
+                "worker %s could not return unlaunched claims: %s; their leases "
+                "will run out and recovery will take them",
+                self.worker_id,
+                exc,
+                extra={"event": "worker.stop_failed", "worker_id": self.worker_id},
+            )
 
     async def _wait_idle(self, seconds: float) -> None:
         tasks = set(self._tasks)
