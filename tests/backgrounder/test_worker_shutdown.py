@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
-from backgrounder import JobManager, JobStatus, TaskRegistry
+from backgrounder import Job, JobManager, JobStatus, TaskRegistry
+from backgrounder.store.sqlite import SqliteStore
 from backgrounder_testing import FakeClock
 from tests.backgrounder.casekit import Probe, started
 from tests.conftest import ManagerFactory, wait_for
@@ -87,3 +90,41 @@ async def test_events_wait_on_the_manager_clock(
         event = await nxt
     assert event.job.status == JobStatus.canceled
     await stream.aclose()
+
+
+class _SlowClaimWrite(SqliteStore):
+    """A store whose queued -> running write returns only when the test says."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def update(self, job_id: str, fields: Any, **expect: Any) -> Job | None:
+        job = await super().update(job_id, fields, **expect)
+        if fields.get("status") == JobStatus.running:
+            self.entered.set()
+            await self.gate.wait()
+        return job
+
+
+async def test_shutdown_during_a_claim_returns_the_job_uncharged(
+    tmp_path: Path,
+) -> None:
+    """A job claimed just as the worker stops is queued again as the same attempt."""
+    probe = Probe()
+    registry = TaskRegistry()
+    registry.add("probe", probe)
+    store = _SlowClaimWrite(tmp_path / "jobs.db")
+    manager = JobManager(store=store, registry=registry)
+    await manager.start()
+    job = await manager.submit("probe", {"name": "j"}, max_retries=0)
+    async with asyncio.timeout(10):
+        await store.entered.wait()  # the job is running in the store, not launched
+
+    await manager.close()
+
+    async with JobManager(db_path=tmp_path / "jobs.db", registry=registry) as again:
+        done = await wait_for(again, job.id, "done")
+    assert (done.attempt, done.errors) == (1, [])
+    assert probe.runs["j"] == 1
