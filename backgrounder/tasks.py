@@ -306,7 +306,7 @@ class TaskRegistry:
             raise ConfigurationError(f"task name must be a non-empty string ({name!r})")
         if name in self._tasks:
             raise ConfigurationError(f"task {name!r} is already registered")
-        if not callable(getattr(runner, "execute", None)):
+        if isinstance(runner, type) or not callable(getattr(runner, "execute", None)):
             raise ConfigurationError(
                 f"runner for task {name!r} has no execute(job, ctx) method "
                 f"(got {type(runner).__name__}); pass an instance, not the class"
