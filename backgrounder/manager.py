@@ -246,6 +246,11 @@ class JobManager:
         None means no limit. The same ``idempotency_key`` with the same task and
         params returns the existing job.
 
+        ``priority`` (0-100) is strict: a waiting job of higher priority always
+        starts first, and jobs of one priority start in submission order. There
+        is no aging, so a low-priority job waits for as long as higher-priority
+        jobs keep arriving; give work that must not starve an equal priority.
+
         Raises:
             UnknownTaskError: No task of that name is registered.
             InvalidParamsError: Params are not a JSON object of JSON values.
@@ -515,7 +520,12 @@ class JobManager:
                 )
                 updated = await self.store.update(
                     job_id,
-                    {"status": JobStatus.canceled, "finished_at": now, "error": error},
+                    {
+                        "status": JobStatus.canceled,
+                        "finished_at": now,
+                        "error": error,
+                        APPEND_ERROR: error,
+                    },
                     expect_status={JobStatus.queued},
                     expect_attempt=job.attempt,
                 )
@@ -564,6 +574,17 @@ class JobManager:
             JobNotFoundError: No job has that id.
             JobStateError: The job is not failed or canceled.
         """
+        for _ in range(10):
+            updated = await self._retry_once(job_id)
+            if updated is not None:
+                return updated
+        raise JobStateError(
+            f"job {job_id!r} changed state too often to retry; try again",
+            job_id=job_id,
+            status="unknown",
+        )
+
+    async def _retry_once(self, job_id: str) -> Job | None:
         job = await self.get(job_id)
         if job.status not in (JobStatus.failed, JobStatus.canceled):
             raise JobStateError(
@@ -592,7 +613,7 @@ class JobManager:
             expect_attempt=job.attempt,
         )
         if updated is None:
-            return await self.retry(job_id)
+            return None
         await self.queue.push(job_id, priority=updated.priority)
         logger.info(
             "job %s queued again by hand as attempt %d",
@@ -629,12 +650,7 @@ class JobManager:
             last = _fingerprint(job)
             yield JobEvent(kind="status", job=job)
             while not job.is_terminal:
-                try:
-                    event: JobEvent | None = await asyncio.wait_for(
-                        queue.get(), self.settings.event_poll_seconds
-                    )
-                except TimeoutError:
-                    event = None
+                event = await self._next_event(queue)
                 if event is None:
                     try:
                         fresh = await self.get(job_id)
@@ -657,6 +673,26 @@ class JobManager:
                 yield JobEvent(kind=kind, job=job)
         finally:
             self.events_bus.unsubscribe(job_id, queue)
+
+    async def _next_event(self, queue: asyncio.Queue[JobEvent]) -> JobEvent | None:
+        """Return the next published event, or None after event_poll_seconds.
+
+        The wait is on the manager's clock, like every other duration.
+        """
+        if not queue.empty():
+            return queue.get_nowait()
+        getter = asyncio.ensure_future(queue.get())
+        timer = asyncio.ensure_future(
+            self.clock.sleep(self.settings.event_poll_seconds)
+        )
+        try:
+            await asyncio.wait({getter, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return None
 
     # ------------------------------------------------------------ recovery
 
@@ -762,8 +798,12 @@ class JobManager:
             expect_status={JobStatus.running},
             expect_attempt=job.attempt,
             expect_worker=worker_id,
+            # A retry must not swallow a cancel the user was told was accepted.
+            expect_cancel_requested=False if delay is not None else None,
         )
         if updated is None:
+            if delay is not None:
+                return await self._cancel_instead(job, error, worker_id, progress)
             return None
         if delay is not None and updated.run_after is not None:
             # The stored run_after is the truth: measure the delay from now, not
@@ -773,6 +813,48 @@ class JobManager:
                 updated.id, priority=updated.priority, delay_seconds=max(0, remaining)
             )
         await self.emit("status", updated)
+        return updated
+
+    async def _cancel_instead(
+        self,
+        job: Job,
+        error: ErrorInfo,
+        worker_id: str | None,
+        progress: Progress | None,
+    ) -> Job | None:
+        """End an attempt as canceled when a cancel request beat its retry."""
+        canceled = ErrorInfo(
+            code=ErrorCode.canceled,
+            message=f"canceled by request; the attempt ended with {error.code}: "
+            f"{error.message}"[:4000],
+            type=error.type,
+            stage=error.stage,
+            attempt=job.attempt,
+        )
+        fields: dict[str, Any] = {
+            "status": JobStatus.canceled,
+            "finished_at": self.clock.now(),
+            "error": canceled,
+            APPEND_ERROR: canceled,
+            "lease_expires_at": None,
+        }
+        if progress is not None:
+            fields["progress"] = progress
+        updated = await self.store.update(
+            job.id,
+            fields,
+            expect_status={JobStatus.running},
+            expect_attempt=job.attempt,
+            expect_worker=worker_id,
+            expect_cancel_requested=True,
+        )
+        if updated is not None:
+            logger.info(
+                "job %s canceled: its cancel request came before the retry",
+                job.id,
+                extra=job_log_extra(updated, event="job.canceled"),
+            )
+            await self.emit("status", updated)
         return updated
 
     def backoff_seconds(self, retries: int) -> float:

@@ -169,9 +169,12 @@ class RunContext:
     ) -> None:
         """Report progress: ``await ctx.progress(10, Stage.fetch, 1, 10)``.
 
-        See ``progress_nowait`` for the arguments and errors.
+        See ``progress_nowait`` for the arguments and errors. It yields to the
+        event loop once, so a runner reporting progress in a tight loop still lets
+        heartbeats, store writes and cancel requests through.
         """
         self.progress_nowait(percent, stage, processed, total, message)
+        await asyncio.sleep(0)
 
     def _validate(
         self,
@@ -219,7 +222,13 @@ class RunContext:
             raise JobCanceled(f"job {self.job.id!r} was canceled", job_id=self.job.id)
 
     async def check_canceled(self) -> None:
-        """Raise JobCanceled if a cancel was requested; let it propagate."""
+        """Raise JobCanceled if a cancel was requested; let it propagate.
+
+        It yields to the event loop once, so a loop that only checks for cancel
+        still lets the cancel request arrive.
+        """
+        self.check_canceled_nowait()
+        await asyncio.sleep(0)
         self.check_canceled_nowait()
 
     async def sleep(self, seconds: float) -> None:
@@ -302,7 +311,7 @@ class TaskRegistry:
             raise ConfigurationError(f"task name must be a non-empty string ({name!r})")
         if name in self._tasks:
             raise ConfigurationError(f"task {name!r} is already registered")
-        if not callable(getattr(runner, "execute", None)):
+        if isinstance(runner, type) or not callable(getattr(runner, "execute", None)):
             raise ConfigurationError(
                 f"runner for task {name!r} has no execute(job, ctx) method "
                 f"(got {type(runner).__name__}); pass an instance, not the class"

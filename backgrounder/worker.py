@@ -32,6 +32,7 @@ from backgrounder.models import (
     Progress,
 )
 from backgrounder.resources import Reservation
+from backgrounder.store.base import APPEND_ERROR
 from backgrounder.tasks import RunContext, TaskSpec
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class _Execution:
     flush_task: asyncio.Task[None] | None = None
     last_flush: float = -1e18
     thread_done: asyncio.Event | None = None
+    run: asyncio.Future[Any] | None = None
     started_mono: float = 0.0
 
 
@@ -109,6 +111,7 @@ class Worker:
         self.zombies = 0
         self._slots = asyncio.Semaphore(self.concurrency)
         self._stopping = False
+        self._abandoned = False
         self._loop_task: asyncio.Task[None] | None = None
         self._cancel_listener: asyncio.Task[None] | None = None
         self._waker: asyncio.Task[None] | None = None
@@ -147,10 +150,13 @@ class Worker:
         Jobs still running after the grace are stopped and put back on the queue
         with no attempt charged. ``drain=False`` skips the grace.
         """
+        if self._abandoned:
+            return
         self._stopping = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+            await self._return_unlaunched()
         for helper in (self._cancel_listener, self._waker):
             if helper is not None:
                 helper.cancel()
@@ -175,6 +181,53 @@ class Worker:
             extra={"event": "worker.stopped", "worker_id": self.worker_id},
         )
 
+    async def _return_unlaunched(self) -> None:
+        """Queue again, uncharged, jobs this worker made running but never launched.
+
+        Stopping the claim loop can interrupt a claim between the store write that
+        makes a job running and its launch; without this the job would wait for
+        its lease to run out and be charged an attempt as ``worker_lost``.
+        """
+        store, queue = self.manager.store, self.manager.queue
+        horizon = self.clock.now() + timedelta(seconds=2 * self.settings.lease_seconds)
+        try:
+            candidates = await store.find_expired(horizon, limit=1000)
+            for job in candidates:
+                if job.worker_id != self.worker_id or job.id in self.running:
+                    continue
+                restored = await store.update(
+                    job.id,
+                    {
+                        "status": JobStatus.queued,
+                        "worker_id": None,
+                        "started_at": None,
+                        "lease_expires_at": None,
+                    },
+                    expect_status={JobStatus.running},
+                    expect_attempt=job.attempt,
+                    expect_worker=self.worker_id,
+                )
+                if restored is None:
+                    continue
+                await queue.ack(job.id)
+                await queue.push(job.id, priority=job.priority)
+                logger.info(
+                    "job %s: claimed as the worker stopped; queued again, no "
+                    "attempt charged",
+                    job.id,
+                    extra=job_log_extra(
+                        job, event="job.requeued", worker_id=self.worker_id
+                    ),
+                )
+        except BackendError as exc:
+            logger.warning(
+                "worker %s could not return unlaunched claims: %s; their leases "
+                "will run out and recovery will take them",
+                self.worker_id,
+                exc,
+                extra={"event": "worker.stop_failed", "worker_id": self.worker_id},
+            )
+
     async def _wait_idle(self, seconds: float) -> None:
         tasks = set(self._tasks)
         if not tasks:
@@ -191,9 +244,16 @@ class Worker:
             timer.cancel()
 
     def abandon(self) -> None:
-        """Stop everything at once without writing anything: a crash, for tests."""
+        """Stop everything at once without writing anything: a crash, for tests.
+
+        Runners are canceled too; the store is left as a killed process leaves it,
+        so the jobs' leases run out and recovery takes them.
+        """
         self._stopping = True
-        for task in [self._loop_task, self._cancel_listener, self._waker, *self._tasks]:
+        self._abandoned = True
+        runs = [e.run for e in self.running.values() if e.run is not None]
+        tasks = [self._loop_task, self._cancel_listener, self._waker, *self._tasks]
+        for task in [*tasks, *runs]:
             if task is not None:
                 task.cancel()
         # A task canceled before its first step never runs its finally block, so
@@ -218,7 +278,7 @@ class Worker:
         alive = self._loop_task is not None and not self._loop_task.done()
         stuck = self.zombies >= self.concurrency
         report: dict[str, Any] = {
-            "ok": (alive or self._stopping) and not stuck,
+            "ok": (alive or (self._stopping and not self._abandoned)) and not stuck,
             "id": self.worker_id,
             "alive": alive,
             "stopping": self._stopping,
@@ -555,6 +615,7 @@ class Worker:
         """
         job = execution.job
         run = asyncio.ensure_future(self._call_runner(execution))
+        execution.run = run
         heartbeat = asyncio.create_task(self._heartbeat(execution))
         timer = None
         if job.timeout_seconds is not None:
@@ -581,6 +642,18 @@ class Worker:
                     await self._force_stop(execution, run)
                     return _Outcome(kind="error", error=self._timeout_error(execution))
                 if grace is not None and grace in done:
+                    if self._thread_running(execution):
+                        # A thread cannot be stopped: the job stays running with
+                        # cancel_requested until the runner returns.
+                        logger.warning(
+                            "job %s: sync runner ignored the cancel for %.1f s; it "
+                            "stays running until it returns",
+                            job.id,
+                            self.settings.cancel_grace_seconds,
+                            extra=job_log_extra(job, event="job.cancel_ignored"),
+                        )
+                        grace = asyncio.get_running_loop().create_future()
+                        continue
                     await self._force_stop(execution, run)
                     return _Outcome(
                         kind="canceled", error=self._cancel_error(execution)
@@ -601,6 +674,12 @@ class Worker:
                 if future is not None:
                     future.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+
+    @staticmethod
+    def _thread_running(execution: _Execution) -> bool:
+        """True while a sync runner's thread has not returned."""
+        done = execution.thread_done
+        return done is not None and not done.is_set()
 
     async def _force_stop(
         self, execution: _Execution, run: asyncio.Future[Any]
@@ -652,7 +731,9 @@ class Worker:
         return await result
 
     def _outcome_of(self, execution: _Execution, run: asyncio.Future[Any]) -> _Outcome:
-        if run.cancelled():
+        if run.cancelled() or execution.ctx.canceled:
+            # Once a cancel was delivered the attempt ends canceled, whatever the
+            # runner returned or raised: no result is stored, no retry is made.
             return _Outcome(kind="canceled", error=self._cancel_error(execution))
         exc = run.exception()
         if exc is None:
@@ -905,8 +986,13 @@ class Worker:
                     "error": None,
                     "lease_expires_at": None,
                 },
+                expect_cancel_requested=False,
                 **cas,  # type: ignore[arg-type]
             )
+            if updated is None:
+                # A cancel accepted while the result was on its way wins: the
+                # user was told the job is being canceled, so it never ends done.
+                outcome = _Outcome(kind="canceled", error=self._cancel_error(execution))
             if updated is not None:
                 logger.info(
                     "job %s done in %.3f s",
@@ -920,9 +1006,7 @@ class Worker:
                     ),
                 )
                 await manager.emit("status", updated)
-            else:
-                self._log_stale(job, "done")
-            return
+                return
         assert outcome.error is not None
         if outcome.kind == "canceled":
             updated = await manager.store.update(
@@ -932,6 +1016,7 @@ class Worker:
                     "finished_at": self.clock.now(),
                     "progress": progress,
                     "error": outcome.error,
+                    APPEND_ERROR: outcome.error,
                     "lease_expires_at": None,
                 },
                 **cas,  # type: ignore[arg-type]

@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 class MemoryQueue(JobQueue):
     """A priority queue in this process's memory, with delays and claim leases.
 
+    Priority is strict (higher first, FIFO within a priority, no aging): a
+    low-priority job waits as long as higher-priority jobs keep arriving.
+
     Only one process sees it, so it suits the embedded default: the store holds
     every queued job, and the manager refills the queue from the store at start-up.
 
@@ -57,6 +60,12 @@ class MemoryQueue(JobQueue):
         self, job_id: str, *, priority: int, delay_seconds: float = 0.0
     ) -> None:
         if job_id in self._claimed:
+            return
+        entry = self._entries.get(job_id)
+        if entry is not None and entry[:2] == (0.0, priority) and delay_seconds <= 0:
+            # Ready at this priority already: keep its place, so a re-push (the
+            # stale-job pass) never moves it behind jobs submitted after it. Any
+            # other re-push takes the new priority and delay.
             return
         seq = next(self._seq)
         due = self._clock.monotonic() + delay_seconds if delay_seconds > 0 else 0.0

@@ -156,8 +156,12 @@ class JobStore(abc.ABC):
         expect_status: Collection[JobStatus] | None = None,
         expect_attempt: int | None = None,
         expect_worker: str | None = None,
+        expect_cancel_requested: bool | None = None,
     ) -> Job | None:
         """Set ``fields`` if the job matches every expectation, in one atomic step.
+
+        ``expect_cancel_requested=False`` makes the write fail once a cancel was
+        requested, so a job whose cancel was accepted can never end ``done``.
 
         ``fields`` maps Job field names to values; the key ``append_error`` appends
         an ErrorInfo to ``errors``. ``updated_at`` is always set to the clock's now.

@@ -7,6 +7,7 @@ import builtins
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -208,9 +209,11 @@ class SqliteStore(JobStore):
                 )
         db = None
         try:
-            db = await aiosqlite.connect(
+            connecting = aiosqlite.connect(
                 self.path, timeout=self.busy_timeout_seconds, isolation_level=None
             )
+            _daemonize(connecting)
+            db = await connecting
             if not callable(getattr(db, "_execute", None)):
                 raise StoreError(
                     f"the installed aiosqlite {aiosqlite.__version__} lacks the "
@@ -242,6 +245,11 @@ class SqliteStore(JobStore):
         db, self._db = self._db, None
         if db is not None:
             await db.close()
+            # close() returns before the connection's thread has ended; wait for
+            # it, so the thread count is back to where it was once close returns.
+            thread = getattr(db, "_thread", None)
+            if isinstance(thread, threading.Thread) and thread.is_alive():
+                await asyncio.to_thread(thread.join, 5.0)
 
     async def _run(self, op: Op) -> Any:
         """Run ``op(conn)`` in the next batch and return its result."""
@@ -392,6 +400,7 @@ class SqliteStore(JobStore):
         expect_status: Collection[JobStatus] | None = None,
         expect_attempt: int | None = None,
         expect_worker: str | None = None,
+        expect_cancel_requested: bool | None = None,
     ) -> Job | None:
         """Compare-and-set the named fields in one UPDATE ... RETURNING."""
         sets: builtins.list[str] = []
@@ -419,6 +428,9 @@ class SqliteStore(JobStore):
         if expect_worker is not None:
             where.append("worker_id = ?")
             args.append(expect_worker)
+        if expect_cancel_requested is not None:
+            where.append("cancel_requested = ?")
+            args.append(int(expect_cancel_requested))
         sql = (
             f"UPDATE jobs SET {', '.join(sets)} WHERE {' AND '.join(where)} "
             f"RETURNING {_RETURNING}"
@@ -467,6 +479,17 @@ def _decode(row: Row) -> Job:
 
 
 _COLUMN_SET = frozenset(_COLUMNS) - {"id"}
+
+
+def _daemonize(connection: aiosqlite.Connection) -> None:
+    """Make the connection's thread a daemon before it starts.
+
+    From aiosqlite 0.22 the thread is not a daemon, so a store that is never
+    closed (a JobManager dropped without close()) would keep Python from exiting.
+    """
+    thread = getattr(connection, "_thread", None)
+    if isinstance(thread, threading.Thread) and not thread.is_alive():
+        thread.daemon = True
 
 
 @hookimpl

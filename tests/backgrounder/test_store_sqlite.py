@@ -1,0 +1,103 @@
+"""SqliteStore: field-scoped writes and compare-and-set, as the worker relies on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from backgrounder.models import Job, JobStatus, Progress, Stage
+from backgrounder.store.sqlite import SqliteStore
+from backgrounder_testing import FakeClock
+
+
+@pytest.fixture
+async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[SqliteStore]:
+    opened = SqliteStore(tmp_path / "jobs.db")
+    await opened.open(clock)
+    yield opened
+    await opened.close()
+
+
+def _job(clock: FakeClock, job_id: str = "j1", **fields: object) -> Job:
+    now = clock.now()
+    return Job(id=job_id, task="t", created_at=now, updated_at=now, **fields)  # type: ignore[arg-type]
+
+
+async def test_store_progress_write_keeps_cancel_requested(
+    store: SqliteStore, clock: FakeClock
+) -> None:
+    """A progress write names only progress: a cancel request survives it."""
+    await store.create(_job(clock, status=JobStatus.running, attempt=1))
+    await store.update("j1", {"cancel_requested": True})
+
+    after = await store.update(
+        "j1",
+        {"progress": Progress(percent=50, stage=Stage.infer)},
+        expect_status={JobStatus.running},
+        expect_attempt=1,
+    )
+
+    assert after is not None
+    assert after.cancel_requested is True
+    assert after.progress.percent == 50
+
+
+async def test_store_cas_on_cancel_requested(
+    store: SqliteStore, clock: FakeClock
+) -> None:
+    """expect_cancel_requested=False refuses the write once a cancel was asked."""
+    await store.create(_job(clock, status=JobStatus.running))
+    await store.update("j1", {"cancel_requested": True})
+
+    refused = await store.update(
+        "j1", {"status": JobStatus.done}, expect_cancel_requested=False
+    )
+    allowed = await store.update(
+        "j1", {"status": JobStatus.canceled}, expect_cancel_requested=True
+    )
+
+    assert refused is None
+    assert allowed is not None and allowed.status == JobStatus.canceled
+
+
+async def test_store_cas_on_attempt_and_worker(
+    store: SqliteStore, clock: FakeClock
+) -> None:
+    """A write for another attempt or worker changes nothing."""
+    await store.create(_job(clock, status=JobStatus.running, attempt=2, worker_id="w2"))
+
+    stale_attempt = await store.update(
+        "j1", {"status": JobStatus.done}, expect_attempt=1, expect_worker="w2"
+    )
+    stale_worker = await store.update(
+        "j1", {"status": JobStatus.done}, expect_attempt=2, expect_worker="w1"
+    )
+
+    assert stale_attempt is None and stale_worker is None
+    job = await store.get("j1")
+    assert job is not None and job.status == JobStatus.running
+
+
+async def test_store_expired_idempotency_key_is_released(
+    store: SqliteStore, clock: FakeClock
+) -> None:
+    """After its TTL a key makes a new job; before it, the old one comes back."""
+    ttl = clock.now() + timedelta(seconds=60)
+    first, made = await store.create(
+        _job(clock, "a", idempotency_key="k"), idempotency_expires_at=ttl
+    )
+    again, made_again = await store.create(
+        _job(clock, "b", idempotency_key="k"), idempotency_expires_at=ttl
+    )
+    clock.advance(61)
+    later, made_later = await store.create(
+        _job(clock, "c", idempotency_key="k"),
+        idempotency_expires_at=clock.now() + timedelta(seconds=60),
+    )
+
+    assert (made, made_again, made_later) == (True, False, True)
+    assert again.id == first.id == "a"
+    assert later.id == "c"
