@@ -50,7 +50,9 @@ class ResourceManager:
         """
         self.limits = limits or ResourceLimits()
         self.probes = list(probes)
-        self._reservations: dict[str, Reservation] = {}
+        # Keyed by the reservation itself, not the job id: two attempts of one
+        # job can hold reservations at once (a sync runner outliving its timeout).
+        self._reservations: dict[int, Reservation] = {}
         self._changed = asyncio.Event()
 
     # ------------------------------------------------------------ readings
@@ -171,7 +173,7 @@ class ResourceManager:
             gpu_memory_mb=request.gpu_memory_mb or 0,
             gpus=gpus,
         )
-        self._reservations[job_id] = reservation
+        self._reservations[id(reservation)] = reservation
         self._changed.set()
         return reservation
 
@@ -197,7 +199,7 @@ class ResourceManager:
         if reservation is None or reservation.released:
             return
         reservation.released = True
-        self._reservations.pop(reservation.job_id, None)
+        self._reservations.pop(id(reservation), None)
         self._changed.set()
 
     async def wait_changed(self, seconds: float) -> None:
