@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from backgrounder.resources import ResourceManager
 from backgrounder.models import ResourceRequest
+from backgrounder.resources import ResourceManager
 
 
 def test_two_attempts_of_one_job_hold_two_reservations() -> None:
