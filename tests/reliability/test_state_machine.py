@@ -59,8 +59,12 @@ class ManualWorker:
         self.reservations: dict[str, Reservation] = {}
 
     def owned(self, index: int) -> Job:
-        """Return one of the jobs this worker runs, by a drawn index."""
-        ids = sorted(self.jobs)
+        """Return one of the jobs this worker runs, by a drawn index.
+
+        Ids are random, so they are taken in the order the worker got them: a
+        replayed example must pick the same job.
+        """
+        ids = list(self.jobs)
         return self.jobs[ids[index % len(ids)]]
 
 
