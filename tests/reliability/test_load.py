@@ -22,13 +22,13 @@ import pytest
 from backgrounder import Job, JobManager, JobStatus, RunContext, TaskRegistry
 from backgrounder.errors import JobStateError
 from tests.conftest import wait_for
-from tests.reliability.backends import BACKENDS, Backend
+from tests.reliability.backends import BACKEND_PARAMS, Backend
 
 TERMINAL = {JobStatus.done, JobStatus.failed, JobStatus.canceled}
 
 
 class RecordingRunner:
-    """Counts each (job, attempt) it runs; fails a job's first attempt if asked."""
+    """Counts each (job, attempt) it runs; fails attempts as the params ask."""
 
     def __init__(self) -> None:
         self.runs: Counter[tuple[str, int]] = Counter()
@@ -37,8 +37,9 @@ class RecordingRunner:
         self.runs[(job.id, ctx.attempt)] += 1
         await ctx.progress(50)
         await ctx.sleep(random.uniform(0, 0.002))
-        if job.params.get("fail") and ctx.attempt == 1:
-            raise RuntimeError("the first attempt of this job always fails")
+        fail = job.params.get("fail")
+        if fail == "always" or (fail == "first" and ctx.attempt == 1):
+            raise RuntimeError(f"attempt {ctx.attempt} of this job fails ({fail})")
 
 
 @dataclass
@@ -65,9 +66,11 @@ async def _submitter(
             i, key = plan.get_nowait()
         except asyncio.QueueEmpty:
             return
-        params: dict[str, Any] = {"fail": i % 7 == 0, "i": i}
+        n = i // 9 if key is not None else i
+        fail = "always" if n % 11 == 0 else "first" if n % 7 == 0 else None
+        params: dict[str, Any] = {"fail": fail, "i": i}
         if key is not None:
-            params = {"fail": hash(key) % 7 == 0, "key": key}
+            params = {"fail": fail, "key": key}
         try:
             job, created = await manager.submit_or_get(
                 "load", params, priority=i % 101, idempotency_key=key
@@ -152,6 +155,7 @@ async def run_load(backend: Backend, folder: Path, submits: int) -> LoadRun:
         jobs = [await manager.get(job_id) for job_id in sorted(run.ids)]
         counts = await manager.store.count_by_status()
         listed = await _list_all(manager)
+    await backend.cleanup(store, queue)
     _check(run, runner, jobs, counts, listed, manager, submits)
     return run
 
@@ -203,7 +207,7 @@ def _report(run: LoadRun, backend: Backend) -> None:
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 async def test_load_submits_cancels_polls(backend: Backend, tmp_path: Path) -> None:
     """1,000 concurrent submits with cancels and polls: nothing lost or doubled."""
     run = await run_load(backend, tmp_path, 1000)
@@ -211,7 +215,7 @@ async def test_load_submits_cancels_polls(backend: Backend, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 async def test_load_submits_cancels_polls_long(
     backend: Backend, tmp_path: Path
 ) -> None:
