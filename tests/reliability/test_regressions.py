@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from backgrounder.models import ResourceRequest
+from datetime import timedelta
+from pathlib import Path
+
+from backgrounder import JobManager, JobStatus, NoopRunner, TaskRegistry
+from backgrounder.models import ErrorCode, ResourceRequest
 from backgrounder.resources import ResourceManager
+from backgrounder_testing import FakeClock
 
 
 def test_two_attempts_of_one_job_hold_two_reservations() -> None:
@@ -26,3 +31,48 @@ def test_two_attempts_of_one_job_hold_two_reservations() -> None:
     resources.release(new)
     resources.release(new)
     assert resources.running_jobs == 0
+
+
+async def test_accepted_cancel_is_not_undone_by_a_lost_worker(tmp_path: Path) -> None:
+    """A running job whose cancel was accepted ends canceled when its worker dies.
+
+    Before, lease recovery queued it again as a retry and cleared the request, so
+    a job the API had agreed to cancel ran again (and could end done).
+    """
+    clock = FakeClock()
+    registry = TaskRegistry()
+    registry.add("work", NoopRunner(sleep_ms=0))
+    async with JobManager(
+        db_path=tmp_path / "jobs.db",
+        registry=registry,
+        clock=clock,
+        worker_count=0,
+        lease_seconds=30,
+    ) as manager:
+        job = await manager.submit("work", max_retries=1)
+        claimed = await manager.queue.claim(
+            worker_id="w1", lease_seconds=30, timeout_seconds=0
+        )
+        assert claimed == job.id
+        running = await manager.store.update(
+            job.id,
+            {
+                "status": JobStatus.running,
+                "worker_id": "w1",
+                "lease_expires_at": clock.now() + timedelta(seconds=30),
+            },
+            expect_status={JobStatus.queued},
+        )
+        await manager.queue.ack(job.id)
+        assert running is not None
+
+        accepted = await manager.cancel(job.id)
+        assert accepted.cancel_requested
+        clock.advance(31)
+        assert await manager.recover_expired() == 1
+
+        after = await manager.get(job.id)
+        assert after.status == JobStatus.canceled
+        assert after.attempt == 1
+        assert after.error is not None and after.error.code == ErrorCode.worker_lost
+        assert await manager.queue.size() == 0
