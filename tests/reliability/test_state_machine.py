@@ -99,6 +99,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.seen: dict[str, Job] = {}
         self.retried: set[str] = set()
         self.lapsed: set[str] = set()
+        self.cancel_answered: dict[str, int] = {}
         self.replays = 0
 
     def run(self, step: Awaitable[T]) -> T:
@@ -157,6 +158,11 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         assert job is not None
         assert job.status == JobStatus.running
+        if job_id in (await self.backend.inspect(self.manager.queue)).waiting:
+            # A claim that lapsed and was put back, then used anyway, starts the
+            # job while the put-back id still waits: the next claim of that id
+            # finds the job running and drops it (a wasted claim, nothing lost).
+            self.lapsed.add(job_id)
         assert (job.worker_id, job.attempt) == (worker.id, before.attempt)
         self._drop(worker, job_id)
         reservation = self.manager.resources.try_reserve(job.id, job.resources)
@@ -251,6 +257,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         else:
             assert after.status == JobStatus.running
             assert after.attempt == before.attempt and after.cancel_requested
+            self.cancel_answered[job_id] = after.attempt
 
     @precondition(lambda self: self.ids)
     @rule(index=st.integers(0, 1000))
@@ -263,6 +270,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         after = self.run(self.manager.retry(job_id))
         self.retried.add(job_id)
+        self.cancel_answered.pop(job_id, None)
         assert after.status == JobStatus.queued
         assert after.attempt == before.attempt + 1
         assert after.retries == 0 and not after.cancel_requested
@@ -287,7 +295,10 @@ class LifecycleMachine(RuleBasedStateMachine):
             after = self.run(self._get(job.id))
             assert after.error is not None
             assert after.error.code == ErrorCode.worker_lost
-            if job.retries < job.max_retries:
+            if job.retries < job.max_retries and job.cancel_requested:
+                assert after.status == JobStatus.canceled
+                assert after.attempt == job.attempt
+            elif job.retries < job.max_retries:
                 assert after.status == JobStatus.queued
                 assert after.attempt == job.attempt + 1
             else:
@@ -388,7 +399,10 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         assert updated == after
         assert after.errors == [*before.errors, error]
-        if retryable and job.retries < job.max_retries:
+        if retryable and job.retries < job.max_retries and before.cancel_requested:
+            assert after.status == JobStatus.canceled
+            assert after.attempt == job.attempt
+        elif retryable and job.retries < job.max_retries:
             assert after.status == JobStatus.queued
             assert after.attempt == job.attempt + 1
             assert after.retries == job.retries + 1
@@ -483,6 +497,12 @@ class LifecycleMachine(RuleBasedStateMachine):
                 "without a retry"
             )
         assert job.attempt >= before.attempt, f"job {job.id}'s attempt went down"
+        if job.id in self.cancel_answered:
+            # A cancel the API accepted is never undone by a new attempt: only a
+            # manual retry runs the job again.
+            assert job.attempt == self.cancel_answered[job.id], (
+                f"job {job.id} was queued again after its cancel was accepted"
+            )
         if (
             before.cancel_requested
             and job.status == before.status == JobStatus.running
