@@ -33,7 +33,7 @@ from hypothesis.stateful import (
 )
 
 from backgrounder import JobManager, JobStatus, NoopRunner, TaskRegistry
-from backgrounder.errors import JobStateError
+from backgrounder.errors import IdempotencyConflictError, JobStateError
 from backgrounder.models import ErrorCode, ErrorInfo, Job, Progress, Stage
 from backgrounder.resources.manager import Reservation
 from backgrounder_testing import FakeClock
@@ -237,6 +237,19 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.by_key[key] = job.id
         self.ids.append(job.id)
         self.seen[job.id] = job
+
+    @precondition(lambda self: self.by_key)
+    @rule(key=st.sampled_from(KEYS))
+    def submit_conflicting(self, key: str) -> None:
+        """A used key with other params is refused and makes no job."""
+        if key not in self.by_key:
+            return
+        with pytest.raises(IdempotencyConflictError):
+            self.run(
+                self.manager.submit(
+                    "work", {"key": key, "other": 1}, idempotency_key=key
+                )
+            )
 
     @precondition(lambda self: self.ids)
     @rule(index=st.integers(0, 1000))
