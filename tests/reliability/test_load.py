@@ -56,6 +56,8 @@ class LoadRun:
     polls: int = 0
     unexpected: list[BaseException] = field(default_factory=list)
     final: Counter[str] = field(default_factory=Counter)
+    cancel_answered: set[str] = field(default_factory=set)
+    done_after_cancel: int = 0
 
 
 async def _submitter(
@@ -98,8 +100,9 @@ async def _canceller(
             continue
         job_id = rng.choice(run.order)
         try:
-            await manager.cancel(job_id)
+            answered = await manager.cancel(job_id)
             run.cancels += 1
+            run.cancel_answered.add(answered.id)
         except JobStateError:
             run.refused_cancels += 1
         except Exception as exc:
@@ -196,6 +199,11 @@ def _check(
             assert runner.runs[(job.id, job.attempt)] == 1
     assert manager.resources.running_jobs == 0
     run.final.update(str(j.status) for j in jobs)
+    # Known gap (B15, xfail in test_regressions): a cancel answered just after
+    # the runner returned can still end done. Counted, not asserted.
+    run.done_after_cancel = sum(
+        1 for j in jobs if j.id in run.cancel_answered and j.status == JobStatus.done
+    )
 
 
 def _report(run: LoadRun, backend: Backend) -> None:
@@ -203,7 +211,8 @@ def _report(run: LoadRun, backend: Backend) -> None:
         f"\nload on {backend.name}: {run.submitted} submits, {len(run.ids)} jobs, "
         f"{run.replays} key replays, {run.cancels} cancels "
         f"({run.refused_cancels} refused), {run.polls} list polls; "
-        f"final {dict(run.final)}; lost 0, duplicated 0"
+        f"final {dict(run.final)}; lost 0, duplicated 0; "
+        f"done after an answered cancel {run.done_after_cancel}"
     )
 
 
