@@ -768,9 +768,18 @@ class JobManager:
         """End a running attempt with ``error``: queue a retry or fail for good.
 
         Compare-and-set on the attempt and worker, so it is a no-op for an attempt
-        somebody else already ended. Returns the job after, or None.
+        somebody else already ended. An attempt whose job had a cancel accepted
+        is never retried: the job ends canceled. Returns the job after, or None.
         """
         now = self.clock.now()
+        retry = error.retryable and job.retries < job.max_retries
+        if retry and not job.cancel_requested:
+            # The caller's copy may predate a cancel request: read it fresh.
+            current = await self.store.get(job.id)
+            if current is not None and current.attempt == job.attempt:
+                job = job.model_copy(
+                    update={"cancel_requested": current.cancel_requested}
+                )
         fields: dict[str, Any] = {
             "error": error,
             APPEND_ERROR: error,
@@ -779,7 +788,10 @@ class JobManager:
         }
         if progress is not None:
             fields["progress"] = progress
-        if error.retryable and job.retries < job.max_retries:
+        if retry and job.cancel_requested:
+            delay = None
+            fields |= {"status": JobStatus.canceled, "finished_at": now}
+        elif retry:
             delay = self.backoff_seconds(job.retries)
             fields |= {
                 "status": JobStatus.queued,

@@ -132,7 +132,9 @@ class ResourceManager:
         self.starvation_seconds = starvation_seconds
         self.recheck_seconds = recheck_seconds
         self.recheck_max_seconds = recheck_max_seconds
-        self._reservations: dict[str, Reservation] = {}
+        # Keyed by the reservation itself, not the job id: two attempts of one
+        # job can hold reservations at once (a sync runner outliving its timeout).
+        self._reservations: dict[int, Reservation] = {}
         self._waiting: dict[str, _Waiter] = {}
         self._changed = asyncio.Event()
         self._failed_probes: set[int] = set()
@@ -221,8 +223,11 @@ class ResourceManager:
         return len(self._waiting)
 
     def reservation(self, job_id: str) -> Reservation | None:
-        """Return the live reservation of ``job_id``, or None."""
-        return self._reservations.get(job_id)
+        """Return the newest live reservation of ``job_id``, or None."""
+        for reservation in reversed(self._reservations.values()):
+            if reservation.job_id == job_id:
+                return reservation
+        return None
 
     def reserved_memory_mb(self) -> int:
         """Host memory reserved by running jobs."""
@@ -336,7 +341,7 @@ class ResourceManager:
             gpu_memory_mb=request.gpu_memory_mb or 0,
             gpus=picked,
         )
-        self._reservations[job_id] = reservation
+        self._reservations[id(reservation)] = reservation
         logger.debug(
             "job %s reserved %r",
             job_id,
@@ -350,8 +355,7 @@ class ResourceManager:
         if reservation is None or reservation.released:
             return
         reservation.released = True
-        if self._reservations.get(reservation.job_id) is reservation:
-            del self._reservations[reservation.job_id]
+        self._reservations.pop(id(reservation), None)
         logger.debug(
             "job %s released %r",
             reservation.job_id,

@@ -1,0 +1,130 @@
+"""Bugs the reliability suites found, each pinned by the smallest example."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backgrounder import Job, JobManager, JobStatus, NoopRunner, TaskRegistry
+from backgrounder.models import ErrorCode, ResourceRequest
+from backgrounder.resources import ResourceManager
+from backgrounder.store.sqlite import SqliteStore
+from backgrounder_testing import FakeClock
+from tests.conftest import wait_for
+
+
+def test_two_attempts_of_one_job_hold_two_reservations() -> None:
+    """Releasing an old attempt's reservation keeps the new attempt's counted.
+
+    A sync runner keeps its slot after its attempt timed out, while the retry of
+    the same job starts in the same process: both hold memory until each ends.
+    """
+    resources = ResourceManager(None, [])
+    old = resources.try_reserve("job-1", ResourceRequest(memory_mb=100))
+    new = resources.try_reserve("job-1", ResourceRequest(memory_mb=100))
+    assert old is not None and new is not None
+    assert resources.running_jobs == 2
+    assert resources.reserved_memory_mb() == 200
+
+    resources.release(old)
+
+    assert resources.running_jobs == 1
+    assert resources.reserved_memory_mb() == 100
+    resources.release(new)
+    resources.release(new)
+    assert resources.running_jobs == 0
+
+
+async def test_accepted_cancel_is_not_undone_by_a_lost_worker(tmp_path: Path) -> None:
+    """A running job whose cancel was accepted ends canceled when its worker dies.
+
+    Before, lease recovery queued it again as a retry and cleared the request, so
+    a job the API had agreed to cancel ran again (and could end done).
+    """
+    clock = FakeClock()
+    registry = TaskRegistry()
+    registry.add("work", NoopRunner(sleep_ms=0))
+    async with JobManager(
+        db_path=tmp_path / "jobs.db",
+        registry=registry,
+        clock=clock,
+        worker_count=0,
+        lease_seconds=30,
+    ) as manager:
+        job = await manager.submit("work", max_retries=1)
+        claimed = await manager.queue.claim(
+            worker_id="w1", lease_seconds=30, timeout_seconds=0
+        )
+        assert claimed == job.id
+        running = await manager.store.update(
+            job.id,
+            {
+                "status": JobStatus.running,
+                "worker_id": "w1",
+                "lease_expires_at": clock.now() + timedelta(seconds=30),
+            },
+            expect_status={JobStatus.queued},
+        )
+        await manager.queue.ack(job.id)
+        assert running is not None
+
+        accepted = await manager.cancel(job.id)
+        assert accepted.cancel_requested
+        clock.advance(31)
+        assert await manager.recover_expired() == 1
+
+        after = await manager.get(job.id)
+        assert after.status == JobStatus.canceled
+        assert after.attempt == 1
+        assert after.error is not None and after.error.code == ErrorCode.worker_lost
+        assert await manager.queue.size() == 0
+
+
+class _CancelBeforeDone(SqliteStore):
+    """A SQLite store that lets a test act just before the worker writes done."""
+
+    before_done: Callable[[str], Awaitable[object]] | None = None
+
+    async def update(
+        self, job_id: str, fields: Mapping[str, Any], **expect: Any
+    ) -> Job | None:
+        if fields.get("status") == JobStatus.done and self.before_done is not None:
+            hook, self.before_done = self.before_done, None
+            await hook(job_id)
+        return await super().update(job_id, fields, **expect)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "B15 must-not: the worker writes done with a compare-and-set on (running, "
+        "attempt, worker) only, so a cancel the API accepted (200, cancel_requested) "
+        "after the runner returned is overwritten by done. Needs the done write to "
+        "also expect no cancel request (a store contract change) or the cancel to "
+        "be answered 409 once the result is in."
+    ),
+)
+async def test_b15_cancel_accepted_after_runner_returned_never_ends_done(
+    tmp_path: Path,
+) -> None:
+    """A job whose cancel was answered with a running job never ends done."""
+    registry = TaskRegistry()
+    registry.add("quick", NoopRunner(sleep_ms=0, stages=1))
+    store = _CancelBeforeDone(tmp_path / "jobs.db")
+    async with JobManager(store=store, registry=registry, worker_count=1) as manager:
+        answers: list[Job] = []
+
+        async def cancel(job_id: str) -> None:
+            answers.append(await manager.cancel(job_id))
+
+        store.before_done = cancel
+        job = await manager.submit("quick")
+        final = await wait_for(manager, job.id)
+
+        assert answers and answers[0].cancel_requested
+        assert answers[0].status == JobStatus.running
+        assert final.status != JobStatus.done
