@@ -78,6 +78,8 @@ async def test_metrics_route_counts_jobs_by_task_and_status(tmp_path: Path) -> N
     assert got[f'{duration}_count{{status="failed",task="boom"}}'] == 1
     assert got[f'{duration}_count{{status="canceled",task="sleeps"}}'] == 1
     assert got[f'{duration}_sum{{status="done",task="noop"}}'] >= 0
+    assert got['backgrounder_job_wait_seconds_count{task="noop"}'] == 2
+    assert got['backgrounder_job_wait_seconds_count{task="sleeps"}'] == 1
     assert got['backgrounder_jobs{status="done"}'] == 2
     assert got['backgrounder_jobs{status="failed"}'] == 1
     assert got['backgrounder_jobs{status="canceled"}'] == 1
