@@ -367,6 +367,23 @@ def test_dashboard_cancel_button_cancels_a_running_job(
     assert served.http.get(f"{API}/{job_id}").json()["status"] == "canceled"
 
 
+def test_dashboard_follows_more_running_jobs_than_it_streams(
+    served: Served, page: Any
+) -> None:
+    """With more running jobs than streams, every Cancel still works and shows."""
+    ids = [served.submit("transcode", {"file": f"part-{i}.mp4"}) for i in range(7)]
+    for job_id in ids:
+        served.wait_progress(job_id, 30)
+
+    page.goto(served.base + DASHBOARD + "?status=running")
+    for job_id in ids:
+        expect(_row(page, job_id).locator(".status")).to_have_text("running")
+    for job_id in ids:
+        _row(page, job_id).locator("[data-action=cancel]").click()
+    for job_id in ids:
+        expect(_row(page, job_id).locator(".status")).to_have_text("canceled")
+
+
 def test_dashboard_retry_button_runs_a_failed_job_again(
     served: Served, page: Any
 ) -> None:

@@ -125,3 +125,16 @@ async def test_dashboard_is_behind_the_api_dependencies(tmp_path: Path) -> None:
         allowed = await client.get(DASHBOARD, headers={"X-Token": "s3cret"})
     assert refused == [401, 401, 401]
     assert allowed.status_code == 200
+
+
+async def test_dashboard_is_on_in_the_demo_app(tmp_path: Path) -> None:
+    """The demo app serves the dashboard and the metrics."""
+    from examples.app import create_app
+
+    app = create_app(db_path=tmp_path / "demo.db", output_dir=tmp_path / "reports")
+    async with serve(app) as client:
+        page = await client.get(DASHBOARD)
+        metrics = await client.get(f"{API}/_metrics")
+    assert page.status_code == 200
+    assert "corpus" in page.text
+    assert metrics.status_code == 200
