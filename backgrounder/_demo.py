@@ -150,6 +150,7 @@ async def run_demo(
         console.print(
             f"\nStill serving at {base}; try the README's curl calls, e.g.\n"
             f"  curl -s {base}/api/v1/jobs?limit=2\n"
+            f"or open the dashboard: {base}/api/v1/jobs/_dashboard\n"
             "Press Ctrl-C to stop."
         )
     await serving

@@ -84,6 +84,14 @@ class PrometheusMetrics:
             registry=self.registry,
             buckets=_DURATION_BUCKETS,
         )
+        self.wait = prom.Histogram(
+            "job_wait_seconds",
+            "Time from submission to the start of the first attempt.",
+            ["task"],
+            namespace=ns,
+            registry=self.registry,
+            buckets=_DURATION_BUCKETS,
+        )
         self.queue_depth = prom.Gauge(
             "queue_depth",
             "Job ids waiting in the queue.",
@@ -127,6 +135,9 @@ class PrometheusMetrics:
                 self.submitted.labels(job.task).inc()
         elif job.status == JobStatus.running and not job.cancel_requested:
             self.started.labels(job.task).inc()
+            if job.attempt == 1 and job.started_at is not None:
+                seconds = (job.started_at - job.created_at).total_seconds()
+                self.wait.labels(job.task).observe(max(0.0, seconds))
         elif job.status in TERMINAL_STATUSES:
             self.finished.labels(job.task, str(job.status)).inc()
             if job.started_at is not None and job.finished_at is not None:

@@ -970,7 +970,10 @@ class Worker:
                     job.id,
                     elapsed,
                     extra=job_log_extra(
-                        job, event="job.requeued", worker_id=self.worker_id
+                        job,
+                        event="job.requeued",
+                        worker_id=self.worker_id,
+                        duration=elapsed,
                     ),
                 )
                 await manager.emit("status", updated)
@@ -1027,7 +1030,10 @@ class Worker:
                     job.id,
                     elapsed,
                     extra=job_log_extra(
-                        job, event="job.canceled", worker_id=self.worker_id
+                        job,
+                        event="job.canceled",
+                        worker_id=self.worker_id,
+                        duration=elapsed,
                     ),
                 )
                 await manager.emit("status", updated)
@@ -1049,7 +1055,10 @@ class Worker:
                 updated.retries,
                 updated.max_retries,
                 extra=job_log_extra(
-                    job, event="job.retry_scheduled", worker_id=self.worker_id
+                    job,
+                    event="job.retry_scheduled",
+                    worker_id=self.worker_id,
+                    duration=elapsed,
                 ),
             )
         else:

@@ -6,6 +6,7 @@ in the current folder) or through ``backgrounder demo``.
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,12 @@ def create_app(
 ) -> FastAPI:
     """Return the demo app, its jobs in the SQLite file ``db_path``.
 
+    The dashboard is on (``/api/v1/jobs/_dashboard``), and so are the metrics
+    (``/api/v1/jobs/_metrics``) when prometheus-client is installed.
     ``options`` go to setup_backgrounder (``shutdown_grace_seconds``, ...).
     """
+    options.setdefault("dashboard", True)
+    options.setdefault("metrics", find_spec("prometheus_client") is not None)
     app = FastAPI(title="backgrounder demo")
     setup_backgrounder(
         app,

@@ -15,6 +15,7 @@ from backgrounder.clock import Clock
 from backgrounder.errors import ConfigurationError
 from backgrounder.fastapi.router import STATE_KEY, create_router
 from backgrounder.manager import JobManager
+from backgrounder.metrics import PrometheusMetrics
 from backgrounder.queue.base import JobQueue
 from backgrounder.resources import ResourceLimits
 from backgrounder.store.base import JobStore
@@ -23,6 +24,9 @@ from backgrounder.tasks import TaskRegistry
 __all__ = ["setup_backgrounder"]
 
 logger = logging.getLogger(__name__)
+
+#: The ``app.state`` attribute that holds the app's PrometheusMetrics, if any.
+METRICS_STATE_KEY = "backgrounder_metrics"
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
@@ -41,6 +45,8 @@ def setup_backgrounder(
     plugins: Iterable[object] | None = None,
     dependencies: Sequence[DependsParam] | None = None,
     clock: Clock | None = None,
+    dashboard: bool = False,
+    metrics: bool | PrometheusMetrics = False,
     **manager_options: Any,
 ) -> JobManager:
     """Give ``app`` a JobManager that its lifespan starts and drains.
@@ -65,6 +71,11 @@ def setup_backgrounder(
         plugins: Extra plugin objects.
         dependencies: FastAPI dependencies run before every route (auth).
         clock: The clock (tests pass a FakeClock).
+        dashboard: Serve the dashboard at ``{prefix}/jobs/_dashboard``, behind
+            ``dependencies`` like every route. Off by default.
+        metrics: True (or a PrometheusMetrics) to count job events and serve
+            them at ``{prefix}/jobs/_metrics``; needs the ``metrics`` extra.
+            The object is also at ``app.state.backgrounder_metrics``.
         **manager_options: Other ManagerSettings fields (lease_seconds,
             cancel_grace_seconds, shutdown_grace_seconds, expose_tracebacks...).
 
@@ -73,7 +84,8 @@ def setup_backgrounder(
         ``get_manager`` dependency.
 
     Raises:
-        ConfigurationError: An option is invalid, or the app is already set up.
+        ConfigurationError: An option is invalid, the app is already set up,
+            or ``metrics`` is asked for without prometheus-client installed.
 
     Added in 0.1.
     """
@@ -81,6 +93,10 @@ def setup_backgrounder(
         raise ConfigurationError(
             "setup_backgrounder was already called for this app; call it once"
         )
+    exporter = _metrics(metrics)
+    if exporter is not None:
+        plugins = [*(plugins or ()), exporter]
+        setattr(app.state, METRICS_STATE_KEY, exporter)
     manager = JobManager(
         store=store,
         queue=queue,
@@ -95,8 +111,19 @@ def setup_backgrounder(
     setattr(app.state, STATE_KEY, manager)
     app.router.lifespan_context = _compose(manager, app.router.lifespan_context)
     if include_router:
-        app.include_router(create_router(dependencies=dependencies), prefix=prefix)
+        router = create_router(
+            dependencies=dependencies, dashboard=dashboard, metrics=exporter
+        )
+        app.include_router(router, prefix=prefix)
     return manager
+
+
+def _metrics(metrics: bool | PrometheusMetrics) -> PrometheusMetrics | None:
+    if isinstance(metrics, PrometheusMetrics):
+        return metrics
+    # Built now, so a missing prometheus-client fails the app's set-up with the
+    # command that installs it, not the first scrape.
+    return PrometheusMetrics() if metrics else None
 
 
 def _compose(manager: JobManager, inner: Lifespan) -> Lifespan:

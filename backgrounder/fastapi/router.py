@@ -20,6 +20,7 @@ from backgrounder.fastapi._errors import (
     ManagerUnavailableError,
 )
 from backgrounder.manager import JobManager
+from backgrounder.metrics import CONTENT_TYPE, PrometheusMetrics
 from backgrounder.models import Assets, Job, JobPage, JobRequest, JobStatus
 from backgrounder.tasks import DEFAULT
 
@@ -198,7 +199,12 @@ def _parse_request(body: bytes, max_depth: int) -> tuple[JobRequest, dict[str, A
 # ---------------------------------------------------------------- the router
 
 
-def create_router(*, dependencies: Sequence[DependsParam] | None = None) -> APIRouter:
+def create_router(
+    *,
+    dependencies: Sequence[DependsParam] | None = None,
+    dashboard: bool = False,
+    metrics: PrometheusMetrics | None = None,
+) -> APIRouter:
     """Return an APIRouter with every backgrounder route under ``/jobs``.
 
     Include it with a prefix (``setup_backgrounder`` uses ``/api/v1``). The app
@@ -208,6 +214,9 @@ def create_router(*, dependencies: Sequence[DependsParam] | None = None) -> APIR
     Args:
         dependencies: FastAPI dependencies run before every route, such as the
             app's authentication.
+        dashboard: Serve the dashboard pages at ``/jobs/_dashboard``.
+        metrics: Serve these metrics at ``/jobs/_metrics`` in the Prometheus
+            text format; the plugin must also be registered on the manager.
 
     Returns:
         The router. Errors are answered from one table (``ERROR_STATUS``) as JSON
@@ -223,8 +232,29 @@ def create_router(*, dependencies: Sequence[DependsParam] | None = None) -> APIR
     _add_submit(router)
     _add_listing(router)
     _add_service_routes(router)
+    # Optional routes, also declared before "/{job_id}".
+    if metrics is not None:
+        _add_metrics_route(router, metrics)
+    if dashboard:
+        # Imported here: the dashboard module uses this module's get_manager.
+        from backgrounder.fastapi.dashboard import add_dashboard_routes
+
+        add_dashboard_routes(router)
     _add_job_routes(router)
     return router
+
+
+def _add_metrics_route(router: APIRouter, metrics: PrometheusMetrics) -> None:
+    @router.get(
+        "/_metrics",
+        name="backgrounder_metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def prometheus_metrics(manager: Manager) -> Response:
+        """Return job counters, durations and gauges in the Prometheus text format."""
+        return Response(await metrics.render(manager), media_type=CONTENT_TYPE)
 
 
 def _add_submit(router: APIRouter) -> None:
