@@ -82,9 +82,7 @@ def _make_store(
     return RedisStore(REDIS_URL, prefix=prefix)
 
 
-def _make_queue(
-    backend: str, server: fakeredis.FakeServer, prefix: str
-) -> JobQueue:
+def _make_queue(backend: str, server: fakeredis.FakeServer, prefix: str) -> JobQueue:
     if backend == "local":
         return MemoryQueue()
     if backend == "fakeredis":

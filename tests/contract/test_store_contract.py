@@ -150,7 +150,9 @@ async def test_compare_and_set_on_status_attempt_and_worker(
         {"expect_worker": "w2"},
     ):
         miss = await store.update(
-            job.id, {"status": JobStatus.done}, **expectation  # type: ignore[arg-type]
+            job.id,
+            {"status": JobStatus.done},
+            **expectation,  # type: ignore[arg-type]
         )
         assert miss is None, expectation
     done = await store.update(
@@ -190,9 +192,7 @@ async def test_only_one_of_concurrent_transitions_wins(
     assert stored is not None and stored.worker_id == winners[0].worker_id
 
 
-async def test_append_error_appends_in_order(
-    store: JobStore, clock: FakeClock
-) -> None:
+async def test_append_error_appends_in_order(store: JobStore, clock: FakeClock) -> None:
     job, _ = await store.create(make_job(clock))
     for attempt in (1, 2):
         error = ErrorInfo(
