@@ -285,6 +285,7 @@ class _Cancellations:
         self._last_heard = 0.0
         self._ping_sent: float | None = None
         self._lost = False
+        self._subscribed_once = False
 
     def __aiter__(self) -> _Cancellations:
         return self
@@ -299,14 +300,18 @@ class _Cancellations:
         self._pubsub = pubsub
         self._last_heard = asyncio.get_running_loop().time()
         self._ping_sent = None
-        if self._lost:
+        self._backoff = 0.1
+
+    def _confirmed(self) -> None:
+        """Note a subscribe confirmation; every one after the first is a reconnect."""
+        if self._subscribed_once:
             logger.info(
-                "subscription to cancels on %s made again",
+                "subscription to cancels on %s made again after a reconnect",
                 self._queue.channel,
                 extra={"event": "queue.resubscribed"},
             )
+        self._subscribed_once = True
         self._lost = False
-        self._backoff = 0.1
 
     async def _drop(self, reason: object) -> None:
         if not self._lost:
@@ -336,8 +341,11 @@ class _Cancellations:
                 if message is not None:
                     self._last_heard = now
                     self._ping_sent = None
-                    if message.get("type") == "message":
+                    kind = message.get("type")
+                    if kind == "message":
                         return str(message["data"])
+                    if kind == "subscribe":
+                        self._confirmed()
                     continue
                 if self._ping_sent is not None:
                     if now - self._ping_sent > timeout:
