@@ -43,12 +43,15 @@ class RedisSettings:
         health_check_interval: An idle pooled connection is PINGed before reuse
             when it has been idle this long.
         max_block_seconds: The longest single blocking wait of a claim.
+        max_connections: Pooled connections per backend; a command that finds
+            them all busy waits up to ``socket_timeout`` for one.
     """
 
     socket_timeout: float = 5.0
     socket_connect_timeout: float = 3.0
     health_check_interval: float = 15.0
     max_block_seconds: float = 2.0
+    max_connections: int = 50
 
     def __post_init__(self) -> None:
         if self.max_block_seconds >= self.socket_timeout:
@@ -98,9 +101,15 @@ def parse_url(url: str) -> tuple[str, str | None]:
 
 
 def make_client(url: str, settings: RedisSettings) -> aioredis.Redis:
-    """Build a redis-py asyncio client with timeouts and one reconnect on errors."""
-    return aioredis.Redis.from_url(
+    """Build a redis-py asyncio client with timeouts and one reconnect on errors.
+
+    The pool blocks (up to ``socket_timeout``) when every connection is busy, so a
+    burst of submits waits its turn instead of failing.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=settings.max_connections,
+        timeout=settings.socket_timeout,
         socket_timeout=settings.socket_timeout,
         socket_connect_timeout=settings.socket_connect_timeout,
         health_check_interval=settings.health_check_interval,
@@ -110,6 +119,7 @@ def make_client(url: str, settings: RedisSettings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
         decode_responses=True,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def is_read_only(exc: BaseException) -> bool:
