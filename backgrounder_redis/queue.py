@@ -34,6 +34,13 @@ logger = logging.getLogger(__name__)
 _PUSH = """
 local id, priority, due, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 if redis.call('ZSCORE', KEYS[3], id) then return 0 end
+if due <= tonumber(now) then
+  -- Waiting and ready at this priority already: keep its place in the line.
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  if score and 100 - math.floor(tonumber(score) / 1099511627776) == priority then
+    return 0
+  end
+end
 redis.call('HSET', KEYS[4], id, priority)
 redis.call('ZREM', KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)

@@ -58,6 +58,9 @@ class MemoryQueue(JobQueue):
     ) -> None:
         if job_id in self._claimed:
             return
+        entry = self._entries.get(job_id)
+        if entry is not None and entry[:2] == (0.0, priority) and delay_seconds <= 0:
+            return  # ready at this priority already: keep its place in the line
         seq = next(self._seq)
         due = self._clock.monotonic() + delay_seconds if delay_seconds > 0 else 0.0
         self._entries[job_id] = (due, priority, seq)

@@ -156,3 +156,12 @@ async def test_published_cancel_reaches_listeners(queue: JobQueue) -> None:
 
 async def test_ping_answers(queue: JobQueue) -> None:
     await queue.ping()
+
+
+async def test_push_again_keeps_the_place_of_a_ready_id(queue: JobQueue) -> None:
+    # The manager re-pushes long-waiting queued jobs (pushes are idempotent);
+    # that must not send them behind jobs submitted after them.
+    await queue.push("old", priority=50)
+    await queue.push("new", priority=50)
+    await queue.push("old", priority=50)
+    assert await drain(queue) == ["old", "new"]
