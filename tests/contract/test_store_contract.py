@@ -152,7 +152,7 @@ async def test_compare_and_set_on_status_attempt_and_worker(
         miss = await store.update(
             job.id,
             {"status": JobStatus.done},
-            **expectation,  # type: ignore[arg-type]
+            **expectation,
         )
         assert miss is None, expectation
     done = await store.update(

@@ -128,7 +128,8 @@ async def runs_of(prefix: str, job_id: str) -> list[str]:
     assert REDIS_URL
     client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
     try:
-        return list(await client.lrange(f"{prefix}:runs:{job_id}:attempts", 0, -1))
+        runs = await client.lrange(f"{prefix}:runs:{job_id}:attempts", 0, -1)
+        return [str(run) for run in runs]
     finally:
         await client.aclose()
 
