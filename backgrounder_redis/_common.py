@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from backgrounder.errors import BackendError, ConfigurationError
 __all__ = [
     "DEFAULT_PREFIX",
     "RedisSettings",
+    "close_client",
     "is_read_only",
     "make_client",
     "mask_url",
@@ -120,6 +122,15 @@ def make_client(url: str, settings: RedisSettings) -> aioredis.Redis:
         decode_responses=True,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+async def close_client(client: aioredis.Redis, seconds: float) -> None:
+    """Close ``client``'s pool, giving up after ``seconds`` so close never hangs."""
+    try:
+        async with asyncio.timeout(seconds):
+            await client.aclose()
+    except (TimeoutError, rexc.RedisError, OSError) as exc:
+        logger.warning("closing the Redis connections did not finish: %s", exc)
 
 
 def is_read_only(exc: BaseException) -> bool:

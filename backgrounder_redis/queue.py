@@ -16,6 +16,7 @@ from backgrounder.queue.base import JobQueue
 from backgrounder_redis._common import (
     DEFAULT_PREFIX,
     RedisSettings,
+    close_client,
     make_client,
     mask_url,
     parse_url,
@@ -191,7 +192,7 @@ class RedisQueue(JobQueue):
         """Close the connection pool (a client passed in is left open)."""
         client, self._client = self._client, None
         if client is not None and self._own_client:
-            await client.aclose()
+            await close_client(client, self.settings.socket_timeout)
 
     async def ping(self) -> None:
         """PING the server; raise QueueError if it does not answer."""

@@ -23,6 +23,7 @@ from backgrounder.store.base import (
 from backgrounder_redis._common import (
     DEFAULT_PREFIX,
     RedisSettings,
+    close_client,
     make_client,
     mask_url,
     parse_url,
@@ -243,7 +244,7 @@ class RedisStore(JobStore):
         """Close the connection pool (a client passed in is left open)."""
         client, self._client = self._client, None
         if client is not None and self._own_client:
-            await client.aclose()
+            await close_client(client, self.settings.socket_timeout)
 
     async def ping(self) -> None:
         """Write a short-lived key, so a read-only replica shows up too."""
