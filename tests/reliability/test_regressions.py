@@ -7,8 +7,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from backgrounder import Job, JobManager, JobStatus, NoopRunner, TaskRegistry
 from backgrounder.models import ErrorCode, ResourceRequest
 from backgrounder.resources import ResourceManager
@@ -98,16 +96,6 @@ class _CancelBeforeDone(SqliteStore):
         return await super().update(job_id, fields, **expect)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "B15 must-not: the worker writes done with a compare-and-set on (running, "
-        "attempt, worker) only, so a cancel the API accepted (200, cancel_requested) "
-        "after the runner returned is overwritten by done. Needs the done write to "
-        "also expect no cancel request (a store contract change) or the cancel to "
-        "be answered 409 once the result is in."
-    ),
-)
 async def test_b15_cancel_accepted_after_runner_returned_never_ends_done(
     tmp_path: Path,
 ) -> None:

@@ -1,0 +1,181 @@
+"""What RedisQueue and RedisStore share: URL parsing, the client, error translation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from backgrounder.errors import BackendError, ConfigurationError
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "RedisSettings",
+    "close_client",
+    "is_read_only",
+    "make_client",
+    "mask_url",
+    "parse_url",
+    "translate_errors",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "backgrounder"
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """How a Redis backend connects.
+
+    Attributes:
+        socket_timeout: Seconds a command may wait for a reply. A blocking wait is
+            always shorter than this, so a connection that went silent shows up as
+            a timeout instead of a hang.
+        socket_connect_timeout: Seconds a (re)connect may take.
+        health_check_interval: An idle pooled connection is PINGed before reuse
+            when it has been idle this long.
+        max_block_seconds: The longest single blocking wait of a claim.
+        max_connections: Pooled connections per backend; a command that finds
+            them all busy waits up to ``socket_timeout`` for one.
+    """
+
+    socket_timeout: float = 5.0
+    socket_connect_timeout: float = 3.0
+    health_check_interval: float = 15.0
+    max_block_seconds: float = 2.0
+    max_connections: int = 50
+
+    def __post_init__(self) -> None:
+        if self.max_block_seconds >= self.socket_timeout:
+            raise ConfigurationError(
+                f"max_block_seconds ({self.max_block_seconds}) must be shorter than "
+                f"socket_timeout ({self.socket_timeout}), or a blocking wait times out"
+            )
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def parse_url(url: str) -> tuple[str, str | None]:
+    """Split the backgrounder options off a Redis URL.
+
+    Returns:
+        The URL for redis-py (without ``prefix``) and the ``prefix`` option or None.
+
+    Raises:
+        ConfigurationError: The scheme is not redis:// or rediss://, or prefix is
+            empty.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigurationError(
+            f"not a Redis URL: {mask_url(url)!r}; use redis://host:6379/0?prefix=app"
+        )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = None
+    rest = []
+    for key, value in query:
+        if key == "prefix":
+            if not value:
+                raise ConfigurationError(
+                    f"empty prefix in {mask_url(url)!r}; leave it out for the default"
+                )
+            prefix = value
+        else:
+            rest.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+
+
+def make_client(url: str, settings: RedisSettings) -> aioredis.Redis:
+    """Build a redis-py asyncio client with timeouts and one reconnect on errors.
+
+    The pool blocks (up to ``socket_timeout``) when every connection is busy, so a
+    burst of submits waits its turn instead of failing.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.max_connections,
+        timeout=settings.socket_timeout,
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.socket_connect_timeout,
+        health_check_interval=settings.health_check_interval,
+        # One immediate retry on a fresh connection covers a connection the server
+        # closed while it sat idle; longer outages surface as errors, and the
+        # worker and manager loops back off and try again.
+        retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
+        decode_responses=True,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+async def close_client(client: aioredis.Redis, seconds: float) -> None:
+    """Close ``client``'s pool, giving up after ``seconds`` so close never hangs."""
+    try:
+        async with asyncio.timeout(seconds):
+            await client.aclose()
+    except (TimeoutError, rexc.RedisError, OSError) as exc:
+        logger.warning("closing the Redis connections did not finish: %s", exc)
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """Tell whether ``exc`` says the server is a read-only replica."""
+    if isinstance(exc, rexc.ReadOnlyError):
+        return True
+    return isinstance(exc, rexc.ResponseError) and "READONLY" in str(exc)
+
+
+@contextlib.asynccontextmanager
+async def translate_errors(
+    client: aioredis.Redis,
+    error_type: type[BackendError],
+    what: str,
+    url: str,
+) -> AsyncIterator[None]:
+    """Turn redis-py errors into ``error_type`` (StoreError or QueueError).
+
+    A read-only reply (the server was demoted to a replica) also drops every pooled
+    connection, so the next command connects again, perhaps to the new primary.
+    """
+    try:
+        yield
+    except rexc.RedisError as exc:
+        where = mask_url(url)
+        if is_read_only(exc):
+            await _disconnect(client)
+            raise error_type(
+                f"Redis {what} at {where} is read-only (a replica after a failover?): "
+                f"{exc}; the connection will be made again"
+            ) from exc
+        if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError):
+            raise error_type(
+                f"Redis {what} at {where} is unreachable: {exc}; retrying later"
+            ) from exc
+        raise error_type(f"Redis {what} at {where} failed: {exc}") from exc
+    except OSError as exc:
+        raise error_type(
+            f"Redis {what} at {mask_url(url)} is unreachable: {exc}; retrying later"
+        ) from exc
+
+
+async def _disconnect(client: aioredis.Redis) -> None:
+    pool: Any = client.connection_pool
+    try:
+        await pool.disconnect()
+    except Exception:  # pragma: no cover - best effort
+        logger.debug("dropping Redis connections failed", exc_info=True)

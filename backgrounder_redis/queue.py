@@ -1,0 +1,375 @@
+"""RedisQueue: job ids by priority on Redis, shared by every process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from backgrounder.clock import Clock, SystemClock
+from backgrounder.errors import QueueError
+from backgrounder.queue.base import JobQueue
+from backgrounder_redis._common import (
+    DEFAULT_PREFIX,
+    RedisSettings,
+    close_client,
+    make_client,
+    mask_url,
+    parse_url,
+    translate_errors,
+)
+
+__all__ = ["RedisQueue"]
+
+logger = logging.getLogger(__name__)
+
+# Keys (KEYS order, the same in every script): ready (zset of id by
+# (100 - priority) * 2**40 + seq), delayed (zset of id by due time), inflight
+# (zset of id by claim-lease deadline), prio (hash id -> priority), seq (counter),
+# wake (list a blocked claim waits on). Times are epoch seconds of the caller's clock.
+
+_PUSH = """
+local id, priority, due, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+if redis.call('ZSCORE', KEYS[3], id) then return 0 end
+if due <= tonumber(now) then
+  -- Waiting and ready at this priority already: keep its place in the line.
+  local score = redis.call('ZSCORE', KEYS[1], id)
+  if score and 100 - math.floor(tonumber(score) / 1099511627776) == priority then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[4], id, priority)
+redis.call('ZREM', KEYS[1], id)
+redis.call('ZREM', KEYS[2], id)
+if due > tonumber(now) then
+  redis.call('ZADD', KEYS[2], due, id)
+else
+  local seq = redis.call('INCR', KEYS[5])
+  redis.call('ZADD', KEYS[1], (100 - priority) * 1099511627776 + seq, id)
+end
+redis.call('LPUSH', KEYS[6], '1')
+redis.call('LTRIM', KEYS[6], 0, 63)
+return 1
+"""
+
+_CLAIM = """
+local now, deadline = tonumber(ARGV[1]), ARGV[2]
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
+for _, id in ipairs(due) do
+  local priority = tonumber(redis.call('HGET', KEYS[4], id) or '50')
+  local seq = redis.call('INCR', KEYS[5])
+  redis.call('ZADD', KEYS[1], (100 - priority) * 1099511627776 + seq, id)
+  redis.call('ZREM', KEYS[2], id)
+end
+local popped = redis.call('ZPOPMIN', KEYS[1])
+if popped[1] then
+  redis.call('ZADD', KEYS[3], deadline, popped[1])
+  return {popped[1], ''}
+end
+local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if nxt[2] then return {'', nxt[2]} end
+return {'', ''}
+"""
+
+_ACK = """
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 1
+   and not redis.call('ZSCORE', KEYS[1], ARGV[1])
+   and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('HDEL', KEYS[4], ARGV[1])
+end
+return 1
+"""
+
+_REMOVE = """
+local n = redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
+if n > 0 and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  redis.call('HDEL', KEYS[4], ARGV[1])
+end
+return n
+"""
+
+_RECOVER = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[1],
+                       'LIMIT', 0, 1000)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[3], id)
+  local priority = tonumber(redis.call('HGET', KEYS[4], id) or '50')
+  local seq = redis.call('INCR', KEYS[5])
+  redis.call('ZADD', KEYS[1], (100 - priority) * 1099511627776 + seq, id)
+  redis.call('LPUSH', KEYS[6], '1')
+end
+redis.call('LTRIM', KEYS[6], 0, 63)
+return ids
+"""
+
+
+class RedisQueue(JobQueue):
+    """A priority queue of job ids on Redis, shared by every worker and API process.
+
+    Higher priority first, FIFO within a priority. A claim is one Lua script: it
+    promotes due delayed ids, pops the best ready id and records it in flight with
+    a lease deadline, so an id leaves "ready" only inside that atomic step. A claim
+    with nothing ready blocks on a wake-up list (BLPOP with a bounded timeout)
+    that every push feeds; an interrupted wait loses only a wake-up token, never
+    an id. Cancels travel over pub/sub.
+
+    Times are wall-clock epoch seconds of the injected clock, so leases and delays
+    mean the same in every process (and a FakeClock drives them in tests).
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str | None = None,
+        settings: RedisSettings | None = None,
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        """Keep the options; nothing connects until ``open()``.
+
+        Args:
+            redis_url: ``redis://`` or ``rediss://`` URL (database number from its
+                path, ``?prefix=`` allowed).
+            prefix: Key prefix; beats the URL's ``prefix``; default "backgrounder".
+            settings: Timeouts of the connection.
+            client: A ready client (fakeredis in tests); the URL is then a label.
+        """
+        self.url, url_prefix = parse_url(redis_url)
+        self.prefix = prefix or url_prefix or DEFAULT_PREFIX
+        self.settings = settings or RedisSettings()
+        self._client = client
+        self._own_client = client is None
+        self._clock: Clock = SystemClock()
+        p = self.prefix
+        self.keys = [
+            f"{p}:q:ready",
+            f"{p}:q:delayed",
+            f"{p}:q:inflight",
+            f"{p}:q:prio",
+            f"{p}:q:seq",
+            f"{p}:q:wake",
+        ]
+        self.channel = f"{p}:q:cancel"
+        self._scripts: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"RedisQueue({mask_url(self.url)!r}, prefix={self.prefix!r})"
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise QueueError(f"queue {self!r} is not open; call open() first")
+        return self._client
+
+    def _errors(self, what: str) -> Any:
+        return translate_errors(self.client, QueueError, f"queue ({what})", self.url)
+
+    def _now(self) -> float:
+        return self._clock.now().timestamp()
+
+    async def open(self, clock: Clock) -> None:
+        """Connect and check the server answers."""
+        self._clock = clock
+        if self._client is None:
+            self._client = make_client(self.url, self.settings)
+        for name, body in (
+            ("push", _PUSH),
+            ("claim", _CLAIM),
+            ("ack", _ACK),
+            ("remove", _REMOVE),
+            ("recover", _RECOVER),
+        ):
+            self._scripts[name] = self.client.register_script(body)
+        await self.ping()
+
+    async def close(self) -> None:
+        """Close the connection pool (a client passed in is left open)."""
+        client, self._client = self._client, None
+        if client is not None and self._own_client:
+            await close_client(client, self.settings.socket_timeout)
+
+    async def ping(self) -> None:
+        """PING the server; raise QueueError if it does not answer."""
+        async with self._errors("ping"):
+            await self.client.ping()
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        async with self._errors(name):
+            return await self._scripts[name](keys=self.keys, args=list(args))
+
+    async def push(
+        self, job_id: str, *, priority: int, delay_seconds: float = 0.0
+    ) -> None:
+        """Make ``job_id`` claimable (idempotent; an id in flight is left alone)."""
+        if not 0 <= priority <= 100:
+            raise ValueError(f"priority must be 0-100 (got {priority!r})")
+        now = self._now()
+        due = now + delay_seconds if delay_seconds > 0 else 0.0
+        await self._run("push", job_id, priority, repr(due), repr(now))
+
+    async def claim(
+        self, *, worker_id: str, lease_seconds: float, timeout_seconds: float
+    ) -> str | None:
+        """Claim the best id, blocking on the wake-up list up to the timeout."""
+        deadline = self._clock.monotonic() + timeout_seconds
+        while True:
+            now = self._now()
+            job_id, next_due = await self._run(
+                "claim", repr(now), repr(now + lease_seconds)
+            )
+            if job_id:
+                logger.debug("job %s claimed by %s", job_id, worker_id)
+                return str(job_id)
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                return None
+            wait = min(remaining, self.settings.max_block_seconds)
+            if next_due:
+                wait = min(wait, float(next_due) - now)
+            # BLPOP's timeout 0 means forever: never ask for less than 10 ms.
+            async with self._errors("wait"):
+                await self.client.blpop([self.keys[5]], timeout=max(0.01, wait))
+
+    async def ack(self, job_id: str) -> None:
+        """Drop a claimed id for good."""
+        await self._run("ack", job_id)
+
+    async def remove(self, job_id: str) -> bool:
+        """Drop a waiting id; return True if it was waiting."""
+        return bool(await self._run("remove", job_id))
+
+    async def recover_expired(self) -> int:
+        """Put claimed ids whose claim lease ran out back, keeping their priority."""
+        ids = await self._run("recover", repr(self._now()))
+        for job_id in ids:
+            logger.warning(
+                "job %s: claim lease ran out before the job started; queued again",
+                job_id,
+                extra={"job_id": job_id, "event": "queue.claim_expired"},
+            )
+        return len(ids)
+
+    async def size(self) -> int:
+        """Return how many ids wait (ready and delayed)."""
+        async with self._errors("size"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zcard(self.keys[0])
+                pipe.zcard(self.keys[1])
+                ready, delayed = await pipe.execute()
+        return int(ready) + int(delayed)
+
+    async def in_flight(self) -> int:
+        """Return how many ids are claimed and not yet acked."""
+        async with self._errors("size"):
+            return int(await self.client.zcard(self.keys[2]))
+
+    async def publish_cancel(self, job_id: str) -> None:
+        """Publish a cancel to every worker process listening."""
+        async with self._errors("publish"):
+            await self.client.publish(self.channel, job_id)
+
+    def cancellations(self) -> AsyncIterator[str]:
+        """Return an iterator of published cancels that resubscribes on its own."""
+        return _Cancellations(self)
+
+
+class _Cancellations:
+    """Published cancels; a lost subscription is made again with backoff.
+
+    A connection that went silent is found by PINGing the subscription when no
+    message came for ``socket_timeout`` seconds and expecting the pong in time.
+    """
+
+    def __init__(self, queue: RedisQueue) -> None:
+        self._queue = queue
+        self._pubsub: Any = None
+        self._backoff = 0.1
+        self._last_heard = 0.0
+        self._ping_sent: float | None = None
+        self._lost = False
+        self._subscribed_once = False
+
+    def __aiter__(self) -> _Cancellations:
+        return self
+
+    async def _subscribe(self) -> None:
+        pubsub: Any = self._queue.client.pubsub()
+        try:
+            await pubsub.subscribe(self._queue.channel)
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        self._pubsub = pubsub
+        self._last_heard = asyncio.get_running_loop().time()
+        self._ping_sent = None
+        self._backoff = 0.1
+
+    def _confirmed(self) -> None:
+        """Note a subscribe confirmation; every one after the first is a reconnect."""
+        if self._subscribed_once:
+            logger.info(
+                "subscription to cancels on %s made again after a reconnect",
+                self._queue.channel,
+                extra={"event": "queue.resubscribed"},
+            )
+        self._subscribed_once = True
+        self._lost = False
+
+    async def _drop(self, reason: object) -> None:
+        if not self._lost:
+            logger.warning(
+                "subscription to cancels on %s lost: %s; subscribing again",
+                self._queue.channel,
+                reason,
+                extra={"event": "queue.subscription_lost"},
+            )
+        self._lost = True
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except Exception:
+                logger.debug("closing a broken subscription failed", exc_info=True)
+
+    async def __anext__(self) -> str:
+        loop = asyncio.get_running_loop()
+        timeout = self._queue.settings.socket_timeout
+        while True:
+            try:
+                if self._pubsub is None:
+                    await self._subscribe()
+                message = await self._pubsub.get_message(timeout=1.0)
+                now = loop.time()
+                if message is not None:
+                    self._last_heard = now
+                    self._ping_sent = None
+                    kind = message.get("type")
+                    if kind == "message":
+                        return str(message["data"])
+                    if kind == "subscribe":
+                        self._confirmed()
+                    continue
+                if self._ping_sent is not None:
+                    if now - self._ping_sent > timeout:
+                        await self._drop("no answer to PING")
+                elif now - self._last_heard > timeout:
+                    await self._pubsub.ping()
+                    self._ping_sent = now
+            except (rexc.RedisError, OSError) as exc:
+                await self._drop(exc)
+                await self._queue._clock.sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, 5.0)
+
+    async def aclose(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except Exception:
+                logger.debug("closing the subscription failed", exc_info=True)

@@ -1,0 +1,431 @@
+"""RedisStore: every job as a JSON-field hash on Redis, changed by Lua scripts."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections.abc import Collection, Mapping
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from backgrounder.clock import Clock, SystemClock
+from backgrounder.errors import StoreError
+from backgrounder.models import Job, JobPage, JobStatus
+from backgrounder.store.base import (
+    APPEND_ERROR,
+    JobStore,
+    decode_row,
+    encode_field,
+    to_epoch,
+)
+from backgrounder_redis._common import (
+    DEFAULT_PREFIX,
+    RedisSettings,
+    close_client,
+    make_client,
+    mask_url,
+    parse_url,
+    translate_errors,
+)
+
+__all__ = ["RedisStore"]
+
+logger = logging.getLogger(__name__)
+
+_FIELDS = [name for name in Job.model_fields]
+_UPDATABLE = frozenset(_FIELDS) - {"id"}
+_INTS = frozenset({"priority", "attempt", "retries", "max_retries"})
+
+# Keys, all under the prefix P (passed as ARGV[1]; the scripts build the names):
+#   P:job:<id>        hash: the job's fields, encoded as encode_field does (JSON
+#                     text, epoch floats); an absent field is None. Also "_seq"
+#                     (submission order) and "_idem_exp" (idempotency key expiry).
+#   P:seq             counter of submissions
+#   P:all             zset id by seq: every job
+#   P:status:<s>      zset id by seq: jobs in status s
+#   P:task:<t>        zset id by seq: jobs of task t
+#   P:running         zset id by lease_expires_at: running jobs
+#   P:queued          zset id by updated_at: queued jobs
+#   P:idem:<key>      string: the job id holding an idempotency key
+# Every script that changes a job's status keeps the indexes in the same step.
+
+_INDEX = """
+local function reindex(p, id, k, old_status)
+  local f = redis.call('HMGET', k, 'status', '_seq', 'lease_expires_at', 'updated_at')
+  local status, seq = f[1], f[2]
+  if old_status ~= status then
+    if old_status then redis.call('ZREM', p .. ':status:' .. old_status, id) end
+    redis.call('ZADD', p .. ':status:' .. status, seq, id)
+  end
+  if status == 'running' and f[3] then
+    redis.call('ZADD', p .. ':running', f[3], id)
+  else
+    redis.call('ZREM', p .. ':running', id)
+  end
+  if status == 'queued' then
+    redis.call('ZADD', p .. ':queued', f[4], id)
+  else
+    redis.call('ZREM', p .. ':queued', id)
+  end
+end
+"""
+
+# ARGV: prefix, id, now, idempotency key or '', expiry or '', ttl ms or '',
+# then field, value pairs.
+_CREATE = (
+    _INDEX
+    + """
+local p, id, now, key, exp, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4],
+  ARGV[5], ARGV[6]
+local k = p .. ':job:' .. id
+if redis.call('EXISTS', k) == 1 then
+  return {1, redis.call('HGETALL', k)}
+end
+if key ~= '' then
+  local ik = p .. ':idem:' .. key
+  local holder = redis.call('GET', ik)
+  if holder then
+    local hk = p .. ':job:' .. holder
+    local hexp = redis.call('HGET', hk, '_idem_exp')
+    if redis.call('EXISTS', hk) == 1 and (not hexp or tonumber(hexp) >= now) then
+      return {0, redis.call('HGETALL', hk)}
+    end
+    redis.call('HDEL', hk, 'idempotency_key', '_idem_exp')
+    redis.call('DEL', ik)
+  end
+  if ttl ~= '' then
+    redis.call('SET', ik, id, 'PX', ttl)
+  else
+    redis.call('SET', ik, id)
+  end
+end
+local seq = redis.call('INCR', p .. ':seq')
+for i = 7, #ARGV, 2 do
+  redis.call('HSET', k, ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', k, '_seq', seq)
+if exp ~= '' then redis.call('HSET', k, '_idem_exp', exp) end
+redis.call('ZADD', p .. ':all', seq, id)
+redis.call('ZADD', p .. ':task:' .. redis.call('HGET', k, 'task'), seq, id)
+reindex(p, id, k, false)
+return {1, redis.call('HGETALL', k)}
+"""
+)
+
+# ARGV: prefix, id, now, expected statuses ("," joined, '' for any), expected
+# attempt or '', expected worker or '' (with ARGV[7] = '1' when it is checked),
+# expected cancel_requested ('0', '1' or '' for any), then op, field, value
+# triples: op 's' sets, 'd' deletes, 'a' appends a JSON
+# value to the JSON list in field.
+_UPDATE = (
+    _INDEX
+    + """
+local p, id, now = ARGV[1], ARGV[2], ARGV[3]
+local k = p .. ':job:' .. id
+local cur = redis.call('HMGET', k, 'status', 'attempt', 'worker_id')
+if not cur[1] then return false end
+if ARGV[4] ~= '' then
+  local ok = false
+  for s in string.gmatch(ARGV[4], '[^,]+') do
+    if s == cur[1] then ok = true end
+  end
+  if not ok then return false end
+end
+if ARGV[5] ~= '' and tonumber(ARGV[5]) ~= tonumber(cur[2]) then return false end
+if ARGV[7] == '1' and ARGV[6] ~= cur[3] then return false end
+if ARGV[8] ~= '' then
+  local cancel = redis.call('HGET', k, 'cancel_requested') or '0'
+  if cancel ~= ARGV[8] then return false end
+end
+local touched = false
+for i = 9, #ARGV, 3 do
+  local op, name, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if op == 's' then
+    redis.call('HSET', k, name, value)
+  elseif op == 'd' then
+    redis.call('HDEL', k, name)
+  else
+    local list = redis.call('HGET', k, name) or '[]'
+    if list == '[]' then
+      list = '[' .. value .. ']'
+    else
+      list = string.sub(list, 1, -2) .. ',' .. value .. ']'
+    end
+    redis.call('HSET', k, name, list)
+  end
+  if name == 'updated_at' then touched = true end
+end
+if not touched then redis.call('HSET', k, 'updated_at', now) end
+reindex(p, id, k, cur[1])
+return redis.call('HGETALL', k)
+"""
+)
+
+
+def _text(value: Any) -> str:
+    """Return the Redis text of an encoded field value."""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _decode(flat: Any) -> Job:
+    """Build a Job from a hash as HGETALL returns it (a dict or a flat list)."""
+    if isinstance(flat, dict):
+        row: dict[str, Any] = dict(flat)
+    else:
+        row = dict(zip(flat[::2], flat[1::2], strict=True))
+    for name in _INTS:
+        if name in row:
+            row[name] = int(row[name])
+    if "timeout_seconds" in row:
+        row["timeout_seconds"] = float(row["timeout_seconds"])
+    return decode_row(row)
+
+
+class RedisStore(JobStore):
+    """Jobs on Redis, so that API servers and workers on many hosts share them.
+
+    Each job is a hash of JSON text and epoch floats (the same encoding as the
+    SQLite store). Creates and updates are Lua scripts: an update is an atomic
+    compare-and-set on status, attempt and worker, and keeps the status, task,
+    lease and queued indexes in the same step. Times come from the injected clock.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str | None = None,
+        settings: RedisSettings | None = None,
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        """Keep the options; nothing connects until ``open()``.
+
+        Args:
+            redis_url: ``redis://`` or ``rediss://`` URL (database number from its
+                path, ``?prefix=`` allowed).
+            prefix: Key prefix; beats the URL's ``prefix``; default "backgrounder".
+            settings: Timeouts of the connection.
+            client: A ready client (fakeredis in tests); the URL is then a label.
+        """
+        self.url, url_prefix = parse_url(redis_url)
+        self.prefix = prefix or url_prefix or DEFAULT_PREFIX
+        self.settings = settings or RedisSettings()
+        self._client = client
+        self._own_client = client is None
+        self._clock: Clock = SystemClock()
+        self._scripts: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"RedisStore({mask_url(self.url)!r}, prefix={self.prefix!r})"
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise StoreError(f"store {self!r} is not open; call open() first")
+        return self._client
+
+    def _errors(self, what: str) -> Any:
+        return translate_errors(self.client, StoreError, f"store ({what})", self.url)
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    async def open(self, clock: Clock) -> None:
+        """Connect and check the server accepts writes."""
+        self._clock = clock
+        if self._client is None:
+            self._client = make_client(self.url, self.settings)
+        self._scripts["create"] = self.client.register_script(_CREATE)
+        self._scripts["update"] = self.client.register_script(_UPDATE)
+        await self.ping()
+
+    async def close(self) -> None:
+        """Close the connection pool (a client passed in is left open)."""
+        client, self._client = self._client, None
+        if client is not None and self._own_client:
+            await close_client(client, self.settings.socket_timeout)
+
+    async def ping(self) -> None:
+        """Write a short-lived key, so a read-only replica shows up too."""
+        async with self._errors("ping"):
+            await self.client.set(f"{self.prefix}:ping", "1", px=10_000)
+
+    async def create(
+        self, job: Job, *, idempotency_expires_at: datetime | None = None
+    ) -> tuple[Job, bool]:
+        """Insert the job, or return the live job that holds its idempotency key."""
+        now = self._clock.now()
+        args: list[Any] = [self.prefix, job.id, repr(to_epoch(now)), "", "", ""]
+        if job.idempotency_key is not None:
+            args[3] = job.idempotency_key
+            if idempotency_expires_at is not None:
+                args[4] = repr(to_epoch(idempotency_expires_at))
+                # The key's TTL is relative to the injected clock; the script also
+                # compares the expiry itself, so a FakeClock moves it as well.
+                ttl = (idempotency_expires_at - now).total_seconds()
+                args[5] = str(max(1, int(ttl * 1000)))
+        for name in _FIELDS:
+            value = encode_field(name, getattr(job, name))
+            if value is not None:
+                args += [name, _text(value)]
+        async with self._errors("create"):
+            created, flat = await self._scripts["create"](keys=[], args=args)
+        return _decode(flat), bool(created)
+
+    async def get(self, job_id: str) -> Job | None:
+        """Return the job, or None."""
+        async with self._errors("get"):
+            flat = await self.client.hgetall(self._key(job_id))
+        return _decode(flat) if flat else None
+
+    async def _get_many(self, ids: builtins.list[str]) -> builtins.list[Job]:
+        if not ids:
+            return []
+        async with self._errors("get"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self._key(job_id))
+                rows = await pipe.execute()
+        return [_decode(row) for row in rows if row]
+
+    async def list(
+        self,
+        *,
+        status: JobStatus | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """Return a page of jobs, newest first by submission sequence."""
+        if cursor is not None:
+            try:
+                before = int(cursor)
+            except ValueError:
+                raise ValueError(
+                    f"cursor {cursor!r} is not valid; pass the next_cursor of a page"
+                ) from None
+            top: str = f"({before}"
+        else:
+            top = "+inf"
+        if task is not None:
+            index = f"{self.prefix}:task:{task}"
+        elif status is not None:
+            index = f"{self.prefix}:status:{status}"
+        else:
+            index = f"{self.prefix}:all"
+        found: builtins.list[tuple[Job, int]] = []
+        batch = max(limit + 1, 50)
+        while len(found) <= limit:
+            async with self._errors("list"):
+                pairs: Any = await self.client.zrevrangebyscore(
+                    index, top, "-inf", start=0, num=batch, withscores=True
+                )
+            if not pairs:
+                break
+            jobs = await self._get_many([str(job_id) for job_id, _ in pairs])
+            by_id = {j.id: j for j in jobs}
+            for job_id, seq in pairs:
+                job = by_id.get(str(job_id))
+                if job is None or (status is not None and job.status != status):
+                    continue
+                found.append((job, int(seq)))
+            top = f"({int(pairs[-1][1])}"
+            if len(pairs) < batch:
+                break
+        items = [job for job, _ in found[:limit]]
+        next_cursor = str(found[limit - 1][1]) if len(found) > limit else None
+        return JobPage(items=items, next_cursor=next_cursor)
+
+    async def update(
+        self,
+        job_id: str,
+        fields: Mapping[str, Any],
+        *,
+        expect_status: Collection[JobStatus] | None = None,
+        expect_attempt: int | None = None,
+        expect_worker: str | None = None,
+        expect_cancel_requested: bool | None = None,
+    ) -> Job | None:
+        """Compare-and-set the named fields in one Lua script."""
+        args: list[Any] = [
+            self.prefix,
+            job_id,
+            repr(to_epoch(self._clock.now())),
+            "",
+            "" if expect_attempt is None else str(expect_attempt),
+            expect_worker or "",
+            "0" if expect_worker is None else "1",
+            ""
+            if expect_cancel_requested is None
+            else str(int(expect_cancel_requested)),
+        ]
+        if expect_status is not None:
+            statuses = [str(s) for s in expect_status]
+            if not statuses:
+                return None
+            args[3] = ",".join(statuses)
+        for name, value in fields.items():
+            if name == APPEND_ERROR:
+                args += ["a", "errors", encode_field(name, value)]
+                continue
+            if name not in _UPDATABLE:
+                raise ValueError(f"{name!r} is not a job field that can be updated")
+            encoded = encode_field(name, value)
+            if encoded is None:
+                args += ["d", name, ""]
+            else:
+                args += ["s", name, _text(encoded)]
+        async with self._errors("update"):
+            flat = await self._scripts["update"](keys=[], args=args)
+        return _decode(flat) if flat else None
+
+    async def find_expired(
+        self, now: datetime, *, limit: int = 100
+    ) -> builtins.list[Job]:
+        """Return running jobs whose lease ran out before ``now``."""
+        async with self._errors("find_expired"):
+            ids = await self.client.zrangebyscore(
+                f"{self.prefix}:running",
+                "-inf",
+                f"({to_epoch(now)!r}",
+                start=0,
+                num=limit,
+            )
+        jobs = await self._get_many([str(i) for i in ids])
+        return [j for j in jobs if j.status == JobStatus.running]
+
+    async def find_queued(
+        self, *, updated_before: datetime | None = None, limit: int = 1000
+    ) -> builtins.list[Job]:
+        """Return queued jobs, oldest first."""
+        async with self._errors("find_queued"):
+            if updated_before is None:
+                ids = await self.client.zrange(
+                    f"{self.prefix}:status:queued", 0, limit - 1
+                )
+            else:
+                ids = await self.client.zrangebyscore(
+                    f"{self.prefix}:queued",
+                    "-inf",
+                    f"({to_epoch(updated_before)!r}",
+                    start=0,
+                    num=limit,
+                )
+        jobs = await self._get_many([str(i) for i in ids])
+        return [j for j in jobs if j.status == JobStatus.queued]
+
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        """Return counts per status (every status present, zero included)."""
+        statuses = list(JobStatus)
+        async with self._errors("count"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for s in statuses:
+                    pipe.zcard(f"{self.prefix}:status:{s}")
+                counts = await pipe.execute()
+        return {s: int(c) for s, c in zip(statuses, counts, strict=True)}

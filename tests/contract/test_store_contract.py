@@ -1,0 +1,329 @@
+"""The JobStore contract, proved against every store (see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from backgrounder.models import (
+    Assets,
+    ErrorCode,
+    ErrorInfo,
+    Job,
+    JobStatus,
+    Progress,
+    ResourceRequest,
+    Stage,
+)
+from backgrounder.store.base import APPEND_ERROR, JobStore
+from backgrounder_testing import FakeClock
+
+
+def make_job(clock: FakeClock, **fields: Any) -> Job:
+    now = clock.now()
+    data: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "task": "embed",
+        "params": {"text": "héllo", "n": [1, 2.5, None]},
+        "created_at": now,
+        "updated_at": now,
+    }
+    data.update(fields)
+    return Job(**data)
+
+
+async def test_create_then_get_returns_every_field(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job = make_job(
+        clock,
+        priority=90,
+        max_retries=3,
+        timeout_seconds=12.5,
+        idempotency_key="k1",
+        resources=ResourceRequest(memory_mb=256),
+        progress=Progress(percent=12.5, stage=Stage.fetch, message="go"),
+        run_after=clock.now() + timedelta(seconds=3),
+    )
+    stored, created = await store.create(
+        job, idempotency_expires_at=clock.now() + timedelta(hours=1)
+    )
+    assert created
+    assert stored == job
+    assert await store.get(job.id) == job
+
+
+async def test_get_unknown_id_is_none(store: JobStore) -> None:
+    assert await store.get("no-such-job") is None
+
+
+async def test_idempotency_key_returns_the_live_job(
+    store: JobStore, clock: FakeClock
+) -> None:
+    expires = clock.now() + timedelta(hours=1)
+    first, created = await store.create(
+        make_job(clock, idempotency_key="same"), idempotency_expires_at=expires
+    )
+    again, created_again = await store.create(
+        make_job(clock, idempotency_key="same"), idempotency_expires_at=expires
+    )
+    assert created and not created_again
+    assert again.id == first.id
+    assert (await store.count_by_status())[JobStatus.queued] == 1
+
+
+async def test_idempotency_key_is_unique_under_concurrency(
+    store: JobStore, clock: FakeClock
+) -> None:
+    expires = clock.now() + timedelta(hours=1)
+    results = await asyncio.gather(
+        *[
+            store.create(
+                make_job(clock, idempotency_key="race"),
+                idempotency_expires_at=expires,
+            )
+            for _ in range(20)
+        ]
+    )
+    assert sum(created for _, created in results) == 1
+    assert len({job.id for job, _ in results}) == 1
+
+
+async def test_expired_idempotency_key_is_released(
+    store: JobStore, clock: FakeClock
+) -> None:
+    old, _ = await store.create(
+        make_job(clock, idempotency_key="k"),
+        idempotency_expires_at=clock.now() + timedelta(seconds=60),
+    )
+    clock.advance(61)
+    new, created = await store.create(
+        make_job(clock, idempotency_key="k"),
+        idempotency_expires_at=clock.now() + timedelta(seconds=60),
+    )
+    assert created and new.id != old.id
+    released = await store.get(old.id)
+    assert released is not None and released.idempotency_key is None
+
+
+async def test_update_sets_only_named_fields_and_updated_at(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job, _ = await store.create(make_job(clock))
+    clock.advance(5)
+    updated = await store.update(
+        job.id,
+        {"progress": Progress(percent=50, stage=Stage.infer), "worker_id": "w1"},
+    )
+    assert updated is not None
+    assert updated.progress.percent == 50 and updated.worker_id == "w1"
+    assert updated.updated_at == clock.now()
+    assert updated.params == job.params and updated.status == JobStatus.queued
+    assert await store.get(job.id) == updated
+
+
+async def test_update_to_none_clears_the_field(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job, _ = await store.create(make_job(clock, worker_id="w1"))
+    updated = await store.update(job.id, {"worker_id": None, "assets": None})
+    assert updated is not None and updated.worker_id is None
+
+
+async def test_compare_and_set_on_status_attempt_and_worker(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job, _ = await store.create(make_job(clock))
+    running = await store.update(
+        job.id,
+        {"status": JobStatus.running, "worker_id": "w1"},
+        expect_status={JobStatus.queued},
+    )
+    assert running is not None and running.status == JobStatus.running
+    for expectation in (
+        {"expect_status": {JobStatus.queued}},
+        {"expect_attempt": 2},
+        {"expect_worker": "w2"},
+    ):
+        miss = await store.update(
+            job.id,
+            {"status": JobStatus.done},
+            **expectation,
+        )
+        assert miss is None, expectation
+    done = await store.update(
+        job.id,
+        {"status": JobStatus.done},
+        expect_status={JobStatus.running, JobStatus.queued},
+        expect_attempt=1,
+        expect_worker="w1",
+    )
+    assert done is not None and done.status == JobStatus.done
+
+
+async def test_expect_worker_does_not_match_a_job_without_worker(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job, _ = await store.create(make_job(clock))
+    assert await store.update(job.id, {"priority": 1}, expect_worker="w1") is None
+
+
+async def test_only_one_of_concurrent_transitions_wins(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job, _ = await store.create(make_job(clock))
+    results = await asyncio.gather(
+        *[
+            store.update(
+                job.id,
+                {"status": JobStatus.running, "worker_id": f"w{i}"},
+                expect_status={JobStatus.queued},
+            )
+            for i in range(10)
+        ]
+    )
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    stored = await store.get(job.id)
+    assert stored is not None and stored.worker_id == winners[0].worker_id
+
+
+async def test_append_error_appends_in_order(store: JobStore, clock: FakeClock) -> None:
+    job, _ = await store.create(make_job(clock))
+    for attempt in (1, 2):
+        error = ErrorInfo(
+            code=ErrorCode.execution_error, message=f"boom {attempt}", attempt=attempt
+        )
+        updated = await store.update(
+            job.id, {"error": error, APPEND_ERROR: error, "attempt": attempt + 1}
+        )
+        assert updated is not None
+    assert updated is not None
+    assert [e.message for e in updated.errors] == ["boom 1", "boom 2"]
+    assert updated.error is not None and updated.error.message == "boom 2"
+    assert updated.attempt == 3
+
+
+async def test_update_unknown_job_is_none_and_unknown_field_raises(
+    store: JobStore, clock: FakeClock
+) -> None:
+    assert await store.update("nope", {"priority": 5}) is None
+    job, _ = await store.create(make_job(clock))
+    with pytest.raises(ValueError, match="not a job field"):
+        await store.update(job.id, {"colour": "red"})
+
+
+async def test_list_pages_newest_first_exactly_once(
+    store: JobStore, clock: FakeClock
+) -> None:
+    ids = []
+    for _ in range(7):
+        job, _ = await store.create(make_job(clock))
+        ids.append(job.id)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await store.list(limit=3, cursor=cursor)
+        seen += [j.id for j in page.items]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+
+
+async def test_list_filters_by_status_and_task(
+    store: JobStore, clock: FakeClock
+) -> None:
+    a, _ = await store.create(make_job(clock, task="a"))
+    b, _ = await store.create(make_job(clock, task="b"))
+    c, _ = await store.create(make_job(clock, task="a"))
+    await store.update(c.id, {"status": JobStatus.done})
+    assert [j.id for j in (await store.list(task="a")).items] == [c.id, a.id]
+    queued = await store.list(status=JobStatus.queued)
+    assert [j.id for j in queued.items] == [b.id, a.id]
+    both = await store.list(status=JobStatus.done, task="a")
+    assert [j.id for j in both.items] == [c.id]
+    assert (await store.list(status=JobStatus.done, task="b")).items == []
+    page = await store.list(status=JobStatus.queued, limit=1)
+    assert [j.id for j in page.items] == [b.id] and page.next_cursor is not None
+    rest = await store.list(status=JobStatus.queued, limit=1, cursor=page.next_cursor)
+    assert [j.id for j in rest.items] == [a.id] and rest.next_cursor is None
+
+
+async def test_list_rejects_a_foreign_cursor(store: JobStore) -> None:
+    with pytest.raises(ValueError, match="cursor"):
+        await store.list(cursor="not-a-cursor")
+
+
+async def test_find_expired_sees_only_running_jobs_past_their_lease(
+    store: JobStore, clock: FakeClock
+) -> None:
+    jobs = [(await store.create(make_job(clock)))[0] for _ in range(3)]
+    soon = clock.now() + timedelta(seconds=10)
+    for job in jobs[:2]:
+        await store.update(
+            job.id,
+            {"status": JobStatus.running, "lease_expires_at": soon, "worker_id": "w"},
+        )
+    assert await store.find_expired(clock.now()) == []
+    clock.advance(11)
+    # The second job renews its lease; the first does not.
+    await store.update(
+        jobs[1].id, {"lease_expires_at": clock.now() + timedelta(seconds=10)}
+    )
+    expired = await store.find_expired(clock.now())
+    assert [j.id for j in expired] == [jobs[0].id]
+    await store.update(
+        jobs[0].id, {"status": JobStatus.queued, "lease_expires_at": None}
+    )
+    assert await store.find_expired(clock.now()) == []
+
+
+async def test_find_queued_oldest_first_and_by_update_time(
+    store: JobStore, clock: FakeClock
+) -> None:
+    a, _ = await store.create(make_job(clock))
+    clock.advance(1)
+    b, _ = await store.create(make_job(clock))
+    clock.advance(1)
+    c, _ = await store.create(make_job(clock))
+    await store.update(c.id, {"status": JobStatus.running})
+    assert [j.id for j in await store.find_queued()] == [a.id, b.id]
+    clock.advance(10)
+    await store.update(a.id, {"priority": 60})
+    stale = await store.find_queued(updated_before=clock.now() - timedelta(seconds=5))
+    assert [j.id for j in stale] == [b.id]
+    assert len(await store.find_queued(limit=1)) == 1
+
+
+async def test_count_by_status_counts_every_status(
+    store: JobStore, clock: FakeClock
+) -> None:
+    for _ in range(3):
+        await store.create(make_job(clock))
+    job, _ = await store.create(make_job(clock))
+    await store.update(job.id, {"status": JobStatus.failed})
+    counts = await store.count_by_status()
+    assert counts == {
+        JobStatus.queued: 3,
+        JobStatus.running: 0,
+        JobStatus.done: 0,
+        JobStatus.failed: 1,
+        JobStatus.canceled: 0,
+    }
+
+
+async def test_assets_round_trip_as_json(store: JobStore, clock: FakeClock) -> None:
+    job, _ = await store.create(make_job(clock))
+    assets = Assets(custom={"out": {"href": "/x.json", "rows": 3, "ok": True}})
+    updated = await store.update(job.id, {"assets": assets})
+    assert updated is not None and updated.assets == assets
+    assert (await store.get(job.id)) == updated
+
+
+async def test_ping_answers(store: JobStore) -> None:
+    await store.ping()
