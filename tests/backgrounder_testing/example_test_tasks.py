@@ -1,6 +1,6 @@
 """Tests of an embedding task, written as a task author writes them.
 
-This file is the example of docs/testing.md ("Testing your tasks"); the suite runs
+This file is the example of the README section "Testing your tasks"; the suite runs
 it with pytester (tests/backgrounder_testing/test_plugin.py), so it stays true.
 """
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 EXAMPLE = Path(__file__).with_name("example_test_tasks.py")
-DOCS = Path(__file__).parents[2] / "docs" / "testing.md"
+README = Path(__file__).parents[2] / "README.md"
 AUTO_MODE = """
 [pytest]
 asyncio_mode = auto
@@ -20,8 +20,9 @@ def test_plugin_example_task_tests_pass(
     pytester: pytest.Pytester, simulated_gpus: type[Any]
 ) -> None:
     """The README example (run_task, fixtures, FakeClock, SimulatedGPUs) passes."""
-    docs = DOCS.read_text()
-    shown = docs[docs.index("```python\n") + 10 : docs.rindex("```")]
+    readme = README.read_text()
+    start = readme.index("```python\nfrom __future__ import annotations") + 10
+    shown = readme[start : readme.index("```", start)]
     example = EXAMPLE.read_text()
     assert shown == example[example.index("from __future__") :]
     pytester.makeini(AUTO_MODE)
