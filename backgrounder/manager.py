@@ -780,6 +780,8 @@ class JobManager:
                 job = job.model_copy(
                     update={"cancel_requested": current.cancel_requested}
                 )
+        if retry and job.cancel_requested:
+            return await self._cancel_instead(job, error, worker_id, progress)
         fields: dict[str, Any] = {
             "error": error,
             APPEND_ERROR: error,
@@ -788,10 +790,7 @@ class JobManager:
         }
         if progress is not None:
             fields["progress"] = progress
-        if retry and job.cancel_requested:
-            delay = None
-            fields |= {"status": JobStatus.canceled, "finished_at": now}
-        elif retry:
+        if retry:
             delay = self.backoff_seconds(job.retries)
             fields |= {
                 "status": JobStatus.queued,
