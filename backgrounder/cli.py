@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import sysconfig
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +18,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from backgrounder.errors import ConfigurationError
+from backgrounder.errors import BackgrounderError, ConfigurationError
 from backgrounder.manager import JobManager
 from backgrounder.resources import ResourceLimits
 from backgrounder.tasks import TaskRegistry
@@ -93,9 +94,16 @@ def worker(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "INFO",
 ) -> None:
     """Run a worker process until SIGTERM or SIGINT, then drain and exit."""
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        typer.echo(
+            f"error: --log-level must be DEBUG, INFO, WARNING or ERROR "
+            f"(got {log_level!r})",
+            err=True,
+        )
+        raise typer.Exit(2)
     logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         registry = load_registry(target)
@@ -122,7 +130,13 @@ def worker(
     except (ConfigurationError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    asyncio.run(_run_worker(manager))
+    try:
+        asyncio.run(_run_worker(manager))
+    except BackgrounderError as exc:
+        # Start-up failures (store or queue unreachable, folder missing) are the
+        # user's to fix: one line, not a traceback.
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 async def _run_worker(manager: JobManager) -> None:
@@ -251,7 +265,7 @@ def jobs_get(
     prefix: PrefixOption = "/api/v1",
 ) -> None:
     """Show one job."""
-    _call(url, prefix, "GET", f"/{job_id}")
+    _call(url, prefix, "GET", f"/{_quote(job_id)}")
 
 
 @jobs_app.command("cancel")
@@ -261,7 +275,7 @@ def jobs_cancel(
     prefix: PrefixOption = "/api/v1",
 ) -> None:
     """Cancel a job."""
-    _call(url, prefix, "POST", f"/{job_id}/cancel")
+    _call(url, prefix, "POST", f"/{_quote(job_id)}/cancel")
 
 
 @jobs_app.command("retry")
@@ -271,7 +285,12 @@ def jobs_retry(
     prefix: PrefixOption = "/api/v1",
 ) -> None:
     """Queue a failed or canceled job again."""
-    _call(url, prefix, "POST", f"/{job_id}/retry")
+    _call(url, prefix, "POST", f"/{_quote(job_id)}/retry")
+
+
+def _quote(job_id: str) -> str:
+    """Escape a job id for a URL path, so it can only name one job."""
+    return urllib.parse.quote(job_id, safe="")
 
 
 def main() -> None:

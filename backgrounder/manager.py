@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterable
@@ -303,7 +304,19 @@ class JobManager:
             if stored.task != job.task or stored.params != job.params:
                 raise IdempotencyConflictError(idempotency_key or "", stored.id)
             return stored, False
-        await self.queue.push(stored.id, priority=stored.priority)
+        try:
+            await self.queue.push(stored.id, priority=stored.priority)
+        except BackendError as exc:
+            # The store is the truth: the job is accepted once stored, and the
+            # recovery pass puts queued jobs that missed their push on the queue.
+            # Refusing now would make a client's retry submit it twice.
+            logger.warning(
+                "job %s stored but not queued yet (%s); the recovery pass will "
+                "queue it within about lease_seconds",
+                stored.id,
+                exc,
+                extra=job_log_extra(stored, event="job.push_deferred"),
+            )
         logger.info(
             "job %s submitted: task %s, priority %d",
             stored.id,
@@ -350,7 +363,7 @@ class JobManager:
                     "timeout_seconds must be a number > 0 or None "
                     f"(got {timeout_seconds!r})"
                 )
-            if not timeout_seconds > 0:
+            if not math.isfinite(timeout_seconds) or not timeout_seconds > 0:
                 raise SubmitError(
                     f"timeout_seconds must be > 0 (got {timeout_seconds!r}); "
                     "use None for no limit"
@@ -656,6 +669,11 @@ class JobManager:
                         fresh = await self.get(job_id)
                     except JobNotFoundError:
                         return
+                    except BackendError as exc:
+                        # An outage pauses the stream; it goes on once the store
+                        # answers again.
+                        logger.debug("event stream of job %s: %s", job_id, exc)
+                        continue
                     event = JobEvent(kind="status", job=fresh)
                 if _progress_older(event.job, job):
                     # A store read can lag the in-memory progress of the same

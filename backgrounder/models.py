@@ -180,7 +180,7 @@ class Job(BaseModel):
 class JobRequest(BaseModel):
     """The body of ``POST /jobs``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task: str = Field(min_length=1, description="The task to run.")
     params: dict[str, Any] = Field(default_factory=dict, description="JSON object.")
@@ -188,10 +188,15 @@ class JobRequest(BaseModel):
     timeout_seconds: float | None = Field(
         None,
         gt=0,
+        strict=True,
         description="Seconds per attempt. Omit for the default; null for no limit.",
     )
     max_retries: int | None = Field(
-        None, ge=0, le=1000, description="Further attempts; omit for the default."
+        None,
+        ge=0,
+        le=1000,
+        strict=True,
+        description="Further attempts; omit for the default.",
     )
     idempotency_key: str | None = Field(
         None, min_length=1, max_length=255, description="Replays return the same job."

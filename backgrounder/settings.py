@@ -10,7 +10,7 @@ __all__ = ["ManagerSettings"]
 class ManagerSettings(BaseModel):
     """Options of JobManager, setup_backgrounder and ``backgrounder worker``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     worker_count: int = Field(
         1, ge=0, le=10_000, description="Jobs this process runs at once; 0 = API only."

@@ -734,6 +734,9 @@ class Worker:
         if run.cancelled() or execution.ctx.canceled:
             # Once a cancel was delivered the attempt ends canceled, whatever the
             # runner returned or raised: no result is stored, no retry is made.
+            # (Read the exception, so asyncio does not log it as never retrieved.)
+            if not run.cancelled():
+                run.exception()
             return _Outcome(kind="canceled", error=self._cancel_error(execution))
         exc = run.exception()
         if exc is None:

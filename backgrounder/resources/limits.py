@@ -24,7 +24,7 @@ class ResourceLimits(BaseModel):
     Added in 0.1.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     max_concurrent_jobs: int | None = Field(
         None, description="Jobs running at once; can only lower worker_count."

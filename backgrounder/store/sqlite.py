@@ -100,6 +100,8 @@ CREATE INDEX IF NOT EXISTS jobs_running_lease ON jobs (lease_expires_at)
     WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS jobs_queued_updated ON jobs (updated_at)
     WHERE status = 'queued';
+CREATE TABLE IF NOT EXISTS _health (id INTEGER PRIMARY KEY, checks INTEGER);
+INSERT OR IGNORE INTO _health (id, checks) VALUES (1, 0);
 """
 
 
@@ -298,8 +300,20 @@ class SqliteStore(JobStore):
         Raises:
             StoreError: The file is not writable (read-only, locked, disk full).
         """
+        if self.path != ":memory:" and not await asyncio.to_thread(
+            os.path.exists, self.path
+        ):
+            raise StoreError(
+                f"SQLite store {self.path!r} is gone: the file was deleted while "
+                "open, and writes would be lost; restore it and restart"
+            )
         try:
-            await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+            # A real write (to the WAL), so an immutable or full file shows up.
+            await self._run(
+                lambda conn: conn.execute(
+                    "UPDATE _health SET checks = checks + 1 WHERE id = 1"
+                )
+            )
         except StoreError as exc:
             raise StoreError(
                 f"SQLite store {self.path!r} is not writable: {exc.__cause__ or exc}"
@@ -376,6 +390,8 @@ class SqliteStore(JobStore):
         if cursor is not None:
             try:
                 before = int(cursor)
+                if not 0 < before < 2**63:
+                    raise ValueError(cursor)
             except ValueError:
                 raise ValueError(
                     f"cursor {cursor!r} is not valid; pass the next_cursor of a page"
