@@ -49,4 +49,12 @@ def demo(session: nox.Session) -> None:
     ``nox -s demo -- --once`` or ``nox -s demo -- --folder ~/notes --pattern '*.md'``.
     """
     session.install("-e", ".")
-    session.run("backgrounder", "demo", *session.posargs)
+    # Ctrl-C reaches the demo, which puts a running job back on the queue before
+    # it exits: give it time instead of nox's default kill after 0.5 s.
+    session.run(
+        "backgrounder",
+        "demo",
+        *session.posargs,
+        interrupt_timeout=30,
+        terminate_timeout=10,
+    )

@@ -73,9 +73,16 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         loop = asyncio.get_running_loop()
 
+        first: list[float] = []
+
         def stop() -> None:
-            if self.should_exit:
+            # One Ctrl-C can arrive twice (from the terminal and forwarded by a
+            # parent such as nox): only a second press a moment later forces.
+            now = loop.time()
+            if self.should_exit and first and now - first[0] > 1.0:
                 self.force_exit = True
+            if not first:
+                first.append(now)
             self.should_exit = True
             for callback in getattr(self, "on_exit", ()):
                 callback()
