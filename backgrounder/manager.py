@@ -835,14 +835,7 @@ class JobManager:
         progress: Progress | None,
     ) -> Job | None:
         """End an attempt as canceled when a cancel request beat its retry."""
-        canceled = ErrorInfo(
-            code=ErrorCode.canceled,
-            message=f"canceled by request; the attempt ended with {error.code}: "
-            f"{error.message}"[:4000],
-            type=error.type,
-            stage=error.stage,
-            attempt=job.attempt,
-        )
+        canceled = canceled_error(job, error)
         fields: dict[str, Any] = {
             "status": JobStatus.canceled,
             "finished_at": self.clock.now(),
@@ -969,3 +962,15 @@ def _mask(url: str) -> str:
     if parts.password:
         return url.replace(parts.password, "***")
     return url
+
+
+def canceled_error(job: Job, error: ErrorInfo) -> ErrorInfo:
+    """The error of an attempt that failed after a cancel of its job was accepted."""
+    return ErrorInfo(
+        code=ErrorCode.canceled,
+        message=f"canceled by request; the attempt ended with {error.code}: "
+        f"{error.message}"[:4000],
+        type=error.type,
+        stage=error.stage,
+        attempt=job.attempt,
+    )

@@ -23,6 +23,7 @@ from backgrounder.errors import (
     JobCanceled,
     NonRetryableError,
 )
+from backgrounder.manager import canceled_error
 from backgrounder.models import (
     Assets,
     ErrorCode,
@@ -1010,6 +1011,23 @@ class Worker:
                 )
                 await manager.emit("status", updated)
                 return
+        assert outcome.error is not None
+        if (
+            outcome.kind == "error"
+            and outcome.error.retryable
+            and job.retries < job.max_retries
+        ):
+            # A cancel accepted while the attempt was failing wins over the
+            # retry: the job ends canceled, its error naming the attempt's own.
+            current = await manager.store.get(job.id)
+            if (
+                current is not None
+                and current.attempt == job.attempt
+                and current.cancel_requested
+            ):
+                outcome = _Outcome(
+                    kind="canceled", error=canceled_error(job, outcome.error)
+                )
         assert outcome.error is not None
         if outcome.kind == "canceled":
             updated = await manager.store.update(

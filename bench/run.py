@@ -374,9 +374,12 @@ async def bench_progress(calls: int, db: Path) -> dict[str, Any]:
 
         manager.store.update = counting  # type: ignore[method-assign]
         job = await manager.submit("tight")
-        async for event in manager.events(job.id):
-            if event.job.is_terminal:
-                break
+
+        async def ended() -> bool:
+            return (await manager.store.get(job.id)).is_terminal  # type: ignore[union-attr]
+
+        # Polled, not streamed: a subscriber would get every call as an event.
+        await _until(ended, 600)
     seconds = timing["seconds"]
     return {
         "calls": calls,
@@ -674,6 +677,13 @@ def main() -> None:
             f"{psutil.cpu_count()} CPUs, load {load[0]:.1f} at start, "
             f"Python {platform.python_version()}"
         ),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip(),
         "args": vars(args),
         "sections": {},
     }
