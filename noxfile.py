@@ -1,4 +1,4 @@
-"""nox sessions: tests, tests_long, lint, typecheck, demo.
+"""nox sessions: tests, tests_long, lint, typecheck, demo, bench.
 
 Sessions run on the Python that runs nox (3.11 or later); pass
 ``--force-python 3.12`` (or ``-P``) to pick another one.
@@ -57,4 +57,21 @@ def demo(session: nox.Session) -> None:
         *session.posargs,
         interrupt_timeout=30,
         terminate_timeout=10,
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run bench/run.py with arq and SAQ beside it (``-- --quick`` for a short run).
+
+    arq pins redis<6, which the Redis plugin accepts (redis>=5), so one venv holds
+    backgrounder and both peers. Needs a Redis server (BACKGROUNDER_REDIS_URL).
+    """
+    session.install("-e", ".[redis,metrics,bench]")
+    session.run(
+        "python",
+        "bench/run.py",
+        "--peers-python",
+        f"{session.bin}/python",
+        *session.posargs,
     )
