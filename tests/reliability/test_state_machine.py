@@ -415,11 +415,16 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert updated is None and after == before
             return
         assert updated == after
-        assert after.errors == [*before.errors, error]
         if retryable and job.retries < job.max_retries and before.cancel_requested:
+            # The accepted cancel wins over the retry: canceled, naming the error.
             assert after.status == JobStatus.canceled
             assert after.attempt == job.attempt
-        elif retryable and job.retries < job.max_retries:
+            assert after.errors[:-1] == before.errors
+            assert after.errors[-1].code == ErrorCode.canceled
+            assert error.message in after.errors[-1].message
+            return
+        assert after.errors == [*before.errors, error]
+        if retryable and job.retries < job.max_retries:
             assert after.status == JobStatus.queued
             assert after.attempt == job.attempt + 1
             assert after.retries == job.retries + 1
