@@ -484,7 +484,6 @@ async def test_b20_explicit_zero_retries_and_zero_priority_are_kept(
 
 
 @pytest.mark.parametrize("path", ["exception", "timeout"])
-@pytest.mark.all_backends
 async def test_b22_retries_are_bounded_on_every_failure_path(
     make_manager: ManagerFactory, clock: FakeClock, path: str
 ) -> None:
@@ -675,7 +674,6 @@ async def test_b27_priority_is_strict_a_low_job_waits_while_high_ones_arrive(
 
 
 @pytest.mark.parametrize("jump", [3600, -3600])
-@pytest.mark.all_backends
 async def test_b43_wall_clock_jumps_change_no_timeout_or_recovery(
     make_manager: ManagerFactory, clock: FakeClock, jump: float
 ) -> None:
