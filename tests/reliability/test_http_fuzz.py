@@ -29,6 +29,27 @@ from backgrounder.fastapi import setup_backgrounder
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis not installed")
 from schemathesis.generation.modes import GenerationMode  # noqa: E402
+
+
+def _import_all_of_schemathesis() -> None:
+    """Import schemathesis's modules now, at collection.
+
+    It imports many lazily; pytest rewrites them (schemathesis is a pytest
+    plugin) with ``ast.parse``, and on CPython 3.11 that can fail with
+    "AST constructor recursion depth mismatch" once an earlier test has caught
+    a RecursionError (the deep-params cases do).
+    """
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(schemathesis.__path__, "schemathesis."):
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # optional extras (graphql, django...) may be absent
+            continue
+
+
+_import_all_of_schemathesis()
 from schemathesis.python import asgi as st_asgi  # noqa: E402
 
 API = "/api/v1/jobs"
