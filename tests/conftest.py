@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,107 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+#: Store/queue pairs a test marked ``all_backends`` runs on: the embedded
+#: default always, Redis+Redis on fakeredis always, and on the real server when
+#: BACKGROUNDER_REDIS_URL names it.
+MANAGER_BACKENDS = ["sqlite-memory", "redis-fake"] + (
+    ["redis"] if os.environ.get("BACKGROUNDER_REDIS_URL") else []
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run tests marked ``all_backends`` once per store/queue pair."""
+    if metafunc.definition.get_closest_marker("all_backends") is None:
+        return
+    if "make_manager" not in metafunc.fixturenames:
+        return
+    metafunc.parametrize(
+        "manager_backend",
+        [
+            pytest.param(
+                name,
+                id=name,
+                marks=[pytest.mark.redis] if name.startswith("redis") else [],
+            )
+            for name in MANAGER_BACKENDS
+        ],
+    )
+
+
 @pytest.fixture
-async def make_manager(tmp_path: Path) -> AsyncIterator[ManagerFactory]:
-    """Return a factory of started JobManagers on a temp SQLite file."""
+def manager_backend() -> str:
+    """The store/queue pair of ``make_manager`` (parametrized by all_backends)."""
+    return "sqlite-memory"
+
+
+class _RedisPairs:
+    """Store/queue pairs that share one key prefix (and fake server), so several
+    managers of a test see the same jobs, as several processes would."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        self.prefix = f"bgtest:{uuid.uuid4().hex[:12]}"
+        self.server: Any = None
+        if url is None:
+            import fakeredis
+
+            self.server = fakeredis.FakeServer()
+
+    def make(self) -> tuple[Any, Any]:
+        from backgrounder_redis import RedisQueue, RedisStore
+
+        if self.url is None:
+            import fakeredis
+
+            clients = [
+                fakeredis.FakeAsyncRedis(server=self.server, decode_responses=True)
+                for _ in range(2)
+            ]
+            return (
+                RedisStore("redis://fake/0", prefix=self.prefix, client=clients[0]),
+                RedisQueue("redis://fake/0", prefix=self.prefix, client=clients[1]),
+            )
+        return (
+            RedisStore(self.url, prefix=self.prefix),
+            RedisQueue(self.url, prefix=self.prefix),
+        )
+
+    async def cleanup(self) -> None:
+        if self.url is None:
+            return
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            async for key in client.scan_iter(match=f"{self.prefix}:*", count=1000):
+                await client.delete(key)
+        finally:
+            await client.aclose()
+
+
+@pytest.fixture
+async def make_manager(
+    tmp_path: Path, manager_backend: str
+) -> AsyncIterator[ManagerFactory]:
+    """Return a factory of started JobManagers on a temp SQLite file.
+
+    A test marked ``all_backends`` gets its managers on each store/queue pair in
+    turn (``MANAGER_BACKENDS``); every manager of one test shares its store and
+    queue, unless the test passes its own ``db_path``, ``store`` or ``queue``.
+    """
     managers: list[JobManager] = []
+    redis_pairs: _RedisPairs | None = None
+    if manager_backend != "sqlite-memory":
+        url = os.environ.get("BACKGROUNDER_REDIS_URL")
+        redis_pairs = _RedisPairs(url if manager_backend == "redis" else None)
 
     async def factory(registry: TaskRegistry, **options: Any) -> JobManager:
+        own = {"db_path", "store", "queue"} & set(options)
+        if redis_pairs is not None and not own:
+            options["store"], options["queue"] = redis_pairs.make()
         options.setdefault("db_path", tmp_path / "jobs.db")
+        if "store" in options:
+            options.pop("db_path")
         manager = JobManager(registry=registry, **options)
         await manager.start()
         managers.append(manager)
@@ -37,6 +133,8 @@ async def make_manager(tmp_path: Path) -> AsyncIterator[ManagerFactory]:
     yield factory
     for manager in reversed(managers):
         await manager.close(drain=False)
+    if redis_pairs is not None:
+        await redis_pairs.cleanup()
 
 
 async def wait_for(

@@ -244,3 +244,70 @@ async def test_sigterm_mid_job_returns_it_uncharged(
     assert pid_of(done) == second.pid
     runs = await runs_of(prefix, job_id)
     assert [r.split("|")[0] for r in runs] == ["1", "1"]
+
+
+async def test_sigkill_loop_loses_and_duplicates_nothing(
+    manager: JobManager,
+    http: httpx.AsyncClient,
+    start_worker: StartWorker,
+    prefix: str,
+) -> None:
+    """Workers SIGKILLed mid-job over and over: every job ends, once per attempt.
+
+    Three ``backgrounder worker`` processes run 120 jobs of 150-300 ms; six times
+    a worker holding a running job is killed and a new one started. Each runner
+    records (attempt, worker) in Redis. At the end every job is terminal, no
+    attempt of any job ran twice, and every done job's final attempt ran.
+    """
+    workers = [start_worker(concurrency=4) for _ in range(3)]
+    for worker in workers:
+        await worker.wait_started()
+    ids = []
+    for i in range(120):
+        response = await http.post(
+            "/jobs", json={"task": "count", "params": {"i": i, "ms": 150 + i % 151}}
+        )
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    kills = 0
+    async with asyncio.timeout(60):
+        while kills < 6:
+            running = (await manager.list(status="running", limit=50)).items
+            alive = {w.pid: w for w in workers if w.process.poll() is None}
+            victims = [pid_of(job) for job in running if pid_of(job) in alive]
+            if not victims:
+                if not (await manager.list(status="queued", limit=1)).items:
+                    break  # nothing left to interrupt
+                await asyncio.sleep(0.02)
+                continue
+            alive[victims[0]].signal(signal.SIGKILL)
+            await alive[victims[0]].wait_exit()
+            kills += 1
+            replacement = start_worker(concurrency=4)
+            workers.append(replacement)
+    assert kills >= 1
+    terminal = (JobStatus.done, JobStatus.failed, JobStatus.canceled)
+    async with asyncio.timeout(90):
+        while True:
+            counts = await manager.store.count_by_status()
+            if sum(counts[s] for s in terminal) == len(ids):
+                break
+            await asyncio.sleep(0.1)
+    twice = 0
+    for job_id in ids:
+        job = await manager.get(job_id)
+        runs = await runs_of(prefix, job_id)
+        attempts = [int(run.split("|")[0]) for run in runs]
+        twice += len(attempts) - len(set(attempts))
+        if job.status == JobStatus.done:
+            assert job.attempt in attempts, (job_id, runs)
+        else:  # a job killed on every attempt ends worker_lost, never silently
+            assert job.status == JobStatus.failed, job
+            assert job.error is not None and job.error.code == "worker_lost"
+    print(
+        f"\nSIGKILL loop (Redis+Redis): {len(ids)} jobs, {kills} kills, "
+        f"{counts[JobStatus.done]} done, {counts[JobStatus.failed]} failed, "
+        f"lost 0, attempts run twice {twice}"
+    )
+    assert twice == 0
+    assert await manager.queue.size() == 0
