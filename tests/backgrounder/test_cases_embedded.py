@@ -887,20 +887,7 @@ async def test_b15_cancel_of_a_done_job_is_a_conflict(
 
 @pytest.mark.parametrize(
     "ending",
-    [
-        "returns",
-        pytest.param(
-            "raises",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "core bug: a cancel written to the store by another manager "
-                    "while the attempt raises ends the job failed "
-                    "(execution_error), not canceled"
-                ),
-            ),
-        ),
-    ],
+    ["returns", "raises"],
 )
 async def test_b15_cancel_from_another_process_beats_the_attempts_ending(
     make_manager: ManagerFactory, clock: FakeClock, ending: str
