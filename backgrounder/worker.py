@@ -43,6 +43,9 @@ __all__ = ["Worker", "default_worker_id"]
 logger = logging.getLogger(__name__)
 
 
+_CLAIM_LEASE_SECONDS = 5.0
+
+
 def default_worker_id() -> str:
     """Return an id unique per host and process: ``host:pid:suffix``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -365,7 +368,10 @@ class Worker:
         manager = self.manager
         job_id = await manager.queue.claim(
             worker_id=self.worker_id,
-            lease_seconds=self.settings.lease_seconds,
+            # The claim's own lease only covers the step from the queue to the
+            # store; kept short, an id stranded by an outage in between returns
+            # to the queue within seconds instead of a whole job lease.
+            lease_seconds=min(self.settings.lease_seconds, _CLAIM_LEASE_SECONDS),
             timeout_seconds=self.settings.poll_seconds,
         )
         if job_id is None:

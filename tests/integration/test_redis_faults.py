@@ -191,9 +191,9 @@ async def test_b31_server_restart_worker_survives_and_cancel_still_arrives(
         await wait_healthy(api)
         await wait_healthy(worker)
         for job in queued:
-            await wait_for(api, job.id, "done", timeout=15)
+            await wait_for(api, job.id, "done", timeout=30)
         fresh = await api.submit("noop")
-        await wait_for(api, fresh.id, "done", timeout=15)
+        await wait_for(api, fresh.id, "done", timeout=30)
         await wait_logged(caplog, "made again")
         await api.cancel(held.id)
         canceled = await wait_for(api, held.id, "canceled", timeout=10)
@@ -220,7 +220,7 @@ async def test_b32_read_only_replica_gives_a_clear_error_then_recovers(
             await client.replicaof("NO", "ONE")
             await wait_healthy(api)
             job = await api.submit("noop")
-            done = await wait_for(api, job.id, "done", timeout=15)
+            done = await wait_for(api, job.id, "done", timeout=30)
             assert done.attempt == 1
         finally:
             await client.aclose()
