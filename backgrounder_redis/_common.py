@@ -15,10 +15,12 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from backgrounder.clock import Clock, SystemClock
 from backgrounder.errors import BackendError, ConfigurationError
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "RedisBackend",
     "RedisSettings",
     "close_client",
     "is_read_only",
@@ -179,3 +181,71 @@ async def _disconnect(client: aioredis.Redis) -> None:
         await pool.disconnect()
     except Exception:  # pragma: no cover - best effort
         logger.debug("dropping Redis connections failed", exc_info=True)
+
+
+class RedisBackend:
+    """What RedisQueue and RedisStore share: the URL, prefix, client and scripts.
+
+    A subclass names its kind ("queue", "store"), the error it raises, and the
+    Lua scripts ``open()`` registers.
+    """
+
+    kind = "backend"
+    error_type: type[BackendError] = BackendError
+    script_bodies: dict[str, str] = {}
+
+    def __init__(
+        self,
+        redis_url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str | None = None,
+        settings: RedisSettings | None = None,
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        """Keep the options; nothing connects until ``open()``.
+
+        Args:
+            redis_url: ``redis://`` or ``rediss://`` URL (database number from its
+                path, ``?prefix=`` allowed).
+            prefix: Key prefix; beats the URL's ``prefix``; default "backgrounder".
+            settings: Timeouts of the connection.
+            client: A ready client (fakeredis in tests); the URL is then a label.
+        """
+        self.url, url_prefix = parse_url(redis_url)
+        self.prefix = prefix or url_prefix or DEFAULT_PREFIX
+        self.settings = settings or RedisSettings()
+        self._client = client
+        self._own_client = client is None
+        self._clock: Clock = SystemClock()
+        self._scripts: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({mask_url(self.url)!r}, prefix={self.prefix!r})"
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connected client; raises the backend's error before ``open()``."""
+        if self._client is None:
+            raise self.error_type(
+                f"{self.kind} {self!r} is not open; call open() first"
+            )
+        return self._client
+
+    def _errors(self, what: str) -> Any:
+        return translate_errors(
+            self.client, self.error_type, f"{self.kind} ({what})", self.url
+        )
+
+    async def _connect(self, clock: Clock) -> None:
+        """Make the client (unless one was passed) and register the scripts."""
+        self._clock = clock
+        if self._client is None:
+            self._client = make_client(self.url, self.settings)
+        for name, body in self.script_bodies.items():
+            self._scripts[name] = self.client.register_script(body)
+
+    async def close(self) -> None:
+        """Close the connection pool (a client passed in is left open)."""
+        client, self._client = self._client, None
+        if client is not None and self._own_client:
+            await close_client(client, self.settings.socket_timeout)

@@ -10,18 +10,10 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from backgrounder.clock import Clock, SystemClock
+from backgrounder.clock import Clock
 from backgrounder.errors import QueueError
 from backgrounder.queue.base import JobQueue
-from backgrounder_redis._common import (
-    DEFAULT_PREFIX,
-    RedisSettings,
-    close_client,
-    make_client,
-    mask_url,
-    parse_url,
-    translate_errors,
-)
+from backgrounder_redis._common import RedisBackend, RedisSettings
 
 __all__ = ["RedisQueue"]
 
@@ -107,7 +99,7 @@ return ids
 """
 
 
-class RedisQueue(JobQueue):
+class RedisQueue(RedisBackend, JobQueue):
     """A priority queue of job ids on Redis, shared by every worker and API process.
 
     Higher priority first, FIFO within a priority. A claim is one Lua script: it
@@ -123,6 +115,16 @@ class RedisQueue(JobQueue):
 
     name = "redis"
 
+    kind = "queue"
+    error_type = QueueError
+    script_bodies = {
+        "push": _PUSH,
+        "claim": _CLAIM,
+        "ack": _ACK,
+        "remove": _REMOVE,
+        "recover": _RECOVER,
+    }
+
     def __init__(
         self,
         redis_url: str = "redis://127.0.0.1:6379/0",
@@ -131,21 +133,8 @@ class RedisQueue(JobQueue):
         settings: RedisSettings | None = None,
         client: aioredis.Redis | None = None,
     ) -> None:
-        """Keep the options; nothing connects until ``open()``.
-
-        Args:
-            redis_url: ``redis://`` or ``rediss://`` URL (database number from its
-                path, ``?prefix=`` allowed).
-            prefix: Key prefix; beats the URL's ``prefix``; default "backgrounder".
-            settings: Timeouts of the connection.
-            client: A ready client (fakeredis in tests); the URL is then a label.
-        """
-        self.url, url_prefix = parse_url(redis_url)
-        self.prefix = prefix or url_prefix or DEFAULT_PREFIX
-        self.settings = settings or RedisSettings()
-        self._client = client
-        self._own_client = client is None
-        self._clock: Clock = SystemClock()
+        """Keep the options (see RedisBackend); nothing connects until ``open()``."""
+        super().__init__(redis_url, prefix=prefix, settings=settings, client=client)
         p = self.prefix
         self.keys = [
             f"{p}:q:ready",
@@ -156,43 +145,14 @@ class RedisQueue(JobQueue):
             f"{p}:q:wake",
         ]
         self.channel = f"{p}:q:cancel"
-        self._scripts: dict[str, Any] = {}
-
-    def __repr__(self) -> str:
-        return f"RedisQueue({mask_url(self.url)!r}, prefix={self.prefix!r})"
-
-    @property
-    def client(self) -> aioredis.Redis:
-        if self._client is None:
-            raise QueueError(f"queue {self!r} is not open; call open() first")
-        return self._client
-
-    def _errors(self, what: str) -> Any:
-        return translate_errors(self.client, QueueError, f"queue ({what})", self.url)
 
     def _now(self) -> float:
         return self._clock.now().timestamp()
 
     async def open(self, clock: Clock) -> None:
         """Connect and check the server answers."""
-        self._clock = clock
-        if self._client is None:
-            self._client = make_client(self.url, self.settings)
-        for name, body in (
-            ("push", _PUSH),
-            ("claim", _CLAIM),
-            ("ack", _ACK),
-            ("remove", _REMOVE),
-            ("recover", _RECOVER),
-        ):
-            self._scripts[name] = self.client.register_script(body)
+        await self._connect(clock)
         await self.ping()
-
-    async def close(self) -> None:
-        """Close the connection pool (a client passed in is left open)."""
-        client, self._client = self._client, None
-        if client is not None and self._own_client:
-            await close_client(client, self.settings.socket_timeout)
 
     async def ping(self) -> None:
         """PING the server; raise QueueError if it does not answer."""

@@ -8,9 +8,7 @@ from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from backgrounder.clock import Clock, SystemClock
+from backgrounder.clock import Clock
 from backgrounder.errors import StoreError
 from backgrounder.models import Job, JobPage, JobStatus
 from backgrounder.store.base import (
@@ -20,15 +18,7 @@ from backgrounder.store.base import (
     encode_field,
     to_epoch,
 )
-from backgrounder_redis._common import (
-    DEFAULT_PREFIX,
-    RedisSettings,
-    close_client,
-    make_client,
-    mask_url,
-    parse_url,
-    translate_errors,
-)
+from backgrounder_redis._common import RedisBackend
 
 __all__ = ["RedisStore"]
 
@@ -185,7 +175,7 @@ def _decode(flat: Any) -> Job:
     return decode_row(row)
 
 
-class RedisStore(JobStore):
+class RedisStore(RedisBackend, JobStore):
     """Jobs on Redis, so that API servers and workers on many hosts share them.
 
     Each job is a hash of JSON text and epoch floats (the same encoding as the
@@ -196,60 +186,17 @@ class RedisStore(JobStore):
 
     name = "redis"
 
-    def __init__(
-        self,
-        redis_url: str = "redis://127.0.0.1:6379/0",
-        *,
-        prefix: str | None = None,
-        settings: RedisSettings | None = None,
-        client: aioredis.Redis | None = None,
-    ) -> None:
-        """Keep the options; nothing connects until ``open()``.
-
-        Args:
-            redis_url: ``redis://`` or ``rediss://`` URL (database number from its
-                path, ``?prefix=`` allowed).
-            prefix: Key prefix; beats the URL's ``prefix``; default "backgrounder".
-            settings: Timeouts of the connection.
-            client: A ready client (fakeredis in tests); the URL is then a label.
-        """
-        self.url, url_prefix = parse_url(redis_url)
-        self.prefix = prefix or url_prefix or DEFAULT_PREFIX
-        self.settings = settings or RedisSettings()
-        self._client = client
-        self._own_client = client is None
-        self._clock: Clock = SystemClock()
-        self._scripts: dict[str, Any] = {}
-
-    def __repr__(self) -> str:
-        return f"RedisStore({mask_url(self.url)!r}, prefix={self.prefix!r})"
-
-    @property
-    def client(self) -> aioredis.Redis:
-        if self._client is None:
-            raise StoreError(f"store {self!r} is not open; call open() first")
-        return self._client
-
-    def _errors(self, what: str) -> Any:
-        return translate_errors(self.client, StoreError, f"store ({what})", self.url)
+    kind = "store"
+    error_type = StoreError
+    script_bodies = {"create": _CREATE, "update": _UPDATE}
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
     async def open(self, clock: Clock) -> None:
         """Connect and check the server accepts writes."""
-        self._clock = clock
-        if self._client is None:
-            self._client = make_client(self.url, self.settings)
-        self._scripts["create"] = self.client.register_script(_CREATE)
-        self._scripts["update"] = self.client.register_script(_UPDATE)
+        await self._connect(clock)
         await self.ping()
-
-    async def close(self) -> None:
-        """Close the connection pool (a client passed in is left open)."""
-        client, self._client = self._client, None
-        if client is not None and self._own_client:
-            await close_client(client, self.settings.socket_timeout)
 
     async def ping(self) -> None:
         """Write a short-lived key, so a read-only replica shows up too."""

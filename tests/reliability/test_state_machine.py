@@ -590,6 +590,7 @@ def test_lifecycle_state_machine(backend: Backend) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the long run takes about 11 minutes per backend
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_lifecycle_state_machine_long(backend: Backend) -> None:
     """The same machine, many more and longer interleavings."""
