@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from backgrounder.clock import Clock
 
@@ -54,9 +54,45 @@ class JobQueue(abc.ABC):
             The job id, or None when nothing became claimable in time.
         """
 
+    async def claim_many(
+        self,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        timeout_seconds: float,
+        limit: int,
+    ) -> list[str]:
+        """Take up to ``limit`` claimable ids, waiting up to ``timeout_seconds``
+        for the first; the rest are only those claimable at once.
+
+        Each id is claimed as by ``claim``, with its own lease. The default calls
+        ``claim``; queues override it with one round trip.
+        """
+        first = await self.claim(
+            worker_id=worker_id,
+            lease_seconds=lease_seconds,
+            timeout_seconds=timeout_seconds,
+        )
+        if first is None:
+            return []
+        ids = [first]
+        while len(ids) < limit:
+            more = await self.claim(
+                worker_id=worker_id, lease_seconds=lease_seconds, timeout_seconds=0.0
+            )
+            if more is None:
+                break
+            ids.append(more)
+        return ids
+
     @abc.abstractmethod
     async def ack(self, job_id: str) -> None:
         """Drop a claimed id for good (the store now owns the job's fate)."""
+
+    async def ack_many(self, job_ids: Sequence[str]) -> None:
+        """Ack each id; the default calls ``ack`` for each."""
+        for job_id in job_ids:
+            await self.ack(job_id)
 
     @abc.abstractmethod
     async def remove(self, job_id: str) -> bool:

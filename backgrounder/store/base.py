@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import builtins
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +19,7 @@ __all__ = [
     "JSON_FIELDS",
     "TIME_FIELDS",
     "JobStore",
+    "Update",
     "decode_row",
     "encode_field",
     "from_epoch",
@@ -91,6 +94,19 @@ def decode_row(row: Mapping[str, Any]) -> Job:
             value = bool(int(value))
         data[name] = value
     return Job.model_validate(data)
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One compare-and-set write for ``JobStore.update_many``: the arguments of
+    ``JobStore.update`` as a value."""
+
+    job_id: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    expect_status: Collection[JobStatus] | None = None
+    expect_attempt: int | None = None
+    expect_worker: str | None = None
+    expect_cancel_requested: bool | None = None
 
 
 class JobStore(abc.ABC):
@@ -169,6 +185,38 @@ class JobStore(abc.ABC):
         Returns:
             The job after the write, or None when it does not exist or did not match.
         """
+
+    async def get_many(self, job_ids: Sequence[str]) -> builtins.list[Job | None]:
+        """Return the jobs (None for an unknown id), in the order of ``job_ids``.
+
+        The default calls ``get`` for each id concurrently; stores override it
+        with one round trip.
+        """
+        return builtins.list(await asyncio.gather(*map(self.get, job_ids)))
+
+    async def update_many(self, updates: Sequence[Update]) -> builtins.list[Job | None]:
+        """Apply each compare-and-set write on its own; return each one's result.
+
+        Each write succeeds or misses as ``update`` would; one missing does not
+        stop the others. If any raises, the store's error is raised and the
+        writes that did not raise may have landed. The default calls ``update``
+        for each concurrently; stores override it with one round trip.
+        """
+        return builtins.list(
+            await asyncio.gather(
+                *(
+                    self.update(
+                        u.job_id,
+                        u.fields,
+                        expect_status=u.expect_status,
+                        expect_attempt=u.expect_attempt,
+                        expect_worker=u.expect_worker,
+                        expect_cancel_requested=u.expect_cancel_requested,
+                    )
+                    for u in updates
+                )
+            )
+        )
 
     @abc.abstractmethod
     async def find_expired(
