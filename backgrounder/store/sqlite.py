@@ -8,7 +8,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from backgrounder.models import Job, JobPage, JobStatus
 from backgrounder.store.base import (
     APPEND_ERROR,
     JobStore,
+    Update,
     decode_row,
     encode_field,
     to_epoch,
@@ -363,6 +364,22 @@ class SqliteStore(JobStore):
         rows = await self._fetch(_SELECT + " WHERE id = ?", (job_id,))
         return _decode(rows[0]) if rows else None
 
+    async def get_many(self, job_ids: Sequence[str]) -> builtins.list[Job | None]:
+        """Return the jobs in the order of ``job_ids``, in one statement."""
+        ids = builtins.list(job_ids)
+        if not ids:
+            return []
+        found: dict[str, Job] = {}
+        for first in range(0, len(ids), 500):
+            chunk = ids[first : first + 500]
+            rows = await self._fetch(
+                _SELECT + f" WHERE id IN ({', '.join('?' * len(chunk))})", chunk
+            )
+            for row in rows:
+                job = _decode(row)
+                found[job.id] = job
+        return [found.get(job_id) for job_id in ids]
+
     async def _fetch(self, sql: str, args: Collection[Any] = ()) -> builtins.list[Row]:
         values = tuple(args)
         result: builtins.list[Row] = await self._run(
@@ -419,6 +436,33 @@ class SqliteStore(JobStore):
         expect_cancel_requested: bool | None = None,
     ) -> Job | None:
         """Compare-and-set the named fields in one UPDATE ... RETURNING."""
+        sql, args = self._update_sql(
+            Update(
+                job_id,
+                fields,
+                expect_status=expect_status,
+                expect_attempt=expect_attempt,
+                expect_worker=expect_worker,
+                expect_cancel_requested=expect_cancel_requested,
+            )
+        )
+        rows = await self._fetch(sql, args)
+        return _decode(rows[0]) if rows else None
+
+    async def update_many(self, updates: Sequence[Update]) -> builtins.list[Job | None]:
+        """Run every compare-and-set in one transaction, each on its own."""
+        statements = [self._update_sql(u) for u in updates]
+        if not statements:
+            return []
+
+        def op(conn: sqlite3.Connection) -> builtins.list[Row | None]:
+            return [conn.execute(sql, args).fetchone() for sql, args in statements]
+
+        rows: builtins.list[Row | None] = await self._run(op)
+        return [None if row is None else _decode(row) for row in rows]
+
+    def _update_sql(self, u: Update) -> tuple[str, builtins.list[Any]]:
+        fields = u.fields
         sets: builtins.list[str] = []
         args: builtins.list[Any] = []
         for name, value in fields.items():
@@ -433,26 +477,25 @@ class SqliteStore(JobStore):
             sets.append("updated_at = ?")
             args.append(to_epoch(self._clock.now()))
         where = ["id = ?"]
-        args.append(job_id)
-        if expect_status is not None:
-            statuses = [str(s) for s in expect_status]
+        args.append(u.job_id)
+        if u.expect_status is not None:
+            statuses = [str(s) for s in u.expect_status]
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
             args.extend(statuses)
-        if expect_attempt is not None:
+        if u.expect_attempt is not None:
             where.append("attempt = ?")
-            args.append(expect_attempt)
-        if expect_worker is not None:
+            args.append(u.expect_attempt)
+        if u.expect_worker is not None:
             where.append("worker_id = ?")
-            args.append(expect_worker)
-        if expect_cancel_requested is not None:
+            args.append(u.expect_worker)
+        if u.expect_cancel_requested is not None:
             where.append("cancel_requested = ?")
-            args.append(int(expect_cancel_requested))
+            args.append(int(u.expect_cancel_requested))
         sql = (
             f"UPDATE jobs SET {', '.join(sets)} WHERE {' AND '.join(where)} "
             f"RETURNING {_RETURNING}"
         )
-        rows = await self._fetch(sql, args)
-        return _decode(rows[0]) if rows else None
+        return sql, args
 
     async def find_expired(
         self, now: datetime, *, limit: int = 100
