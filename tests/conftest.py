@@ -16,6 +16,7 @@ from backgrounder.models import Job
 from backgrounder_testing import FakeClock
 
 ManagerFactory = Callable[..., Awaitable[JobManager]]
+BackendPair = Callable[[], dict[str, Any]]
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ async def _redis_pairs(manager_backend: str) -> AsyncIterator[_RedisPairs | None
 
 
 @pytest.fixture
-def backend_pair(_redis_pairs: _RedisPairs | None) -> Callable[[], dict[str, Any]]:
+def backend_pair(_redis_pairs: _RedisPairs | None) -> BackendPair:
     """Return a maker of the ``store``/``queue`` options of the test's backend.
 
     For code that builds its own manager (``setup_backgrounder`` apps): on the
