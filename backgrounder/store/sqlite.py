@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
+from json.encoder import encode_basestring as _quote
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -22,9 +23,10 @@ from backgrounder.hookspecs import hookimpl
 from backgrounder.models import Job, JobPage, JobStatus
 from backgrounder.store.base import (
     APPEND_ERROR,
+    JSON_FIELDS,
+    TIME_FIELDS,
     JobStore,
     Update,
-    decode_row,
     encode_field,
     to_epoch,
 )
@@ -58,11 +60,14 @@ _COLUMNS = [
     "finished_at",
     "updated_at",
 ]
+_NUMBER_COLUMNS = frozenset(
+    {"priority", "attempt", "retries", "max_retries", "timeout_seconds"}
+)
 _RETURNING = "seq, " + ", ".join(_COLUMNS)
 _SELECT = f"SELECT {_RETURNING} FROM jobs"
 _INSERT = (
     f"INSERT INTO jobs ({', '.join([*_COLUMNS, 'idempotency_expires_at'])}) "
-    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))}) RETURNING {_RETURNING}"
+    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
 )
 
 _SCHEMA = """
@@ -344,7 +349,8 @@ class SqliteStore(JobStore):
                 if existing is not None:
                     return existing, False
             try:
-                return conn.execute(_INSERT, args).fetchone(), True
+                conn.execute(_INSERT, args)
+                return None, True
             except sqlite3.IntegrityError:
                 # The unique index is the guarantee; the look-up above only
                 # spares the failed insert in the usual case.
@@ -355,9 +361,12 @@ class SqliteStore(JobStore):
                 ).fetchone(), False
 
         row, created = await self._run(op)
-        if row is None:
+        if created:
+            # Stored as given: every column is the job's own field.
+            return job, True
+        if row is None:  # pragma: no cover - the key's row vanished mid-transaction
             raise StoreError(f"job {job.id!r} could not be stored in {self.path!r}")
-        return _decode(row), created
+        return _decode(row), False
 
     async def get(self, job_id: str) -> Job | None:
         """Return the job, or None."""
@@ -463,38 +472,31 @@ class SqliteStore(JobStore):
 
     def _update_sql(self, u: Update) -> tuple[str, builtins.list[Any]]:
         fields = u.fields
-        sets: builtins.list[str] = []
-        args: builtins.list[Any] = []
-        for name, value in fields.items():
-            if name == APPEND_ERROR:
-                sets.append("errors = json_insert(errors, '$[#]', json(?))")
-            elif name in _COLUMN_SET:
-                sets.append(f"{name} = ?")
-            else:
-                raise ValueError(f"{name!r} is not a job field that can be updated")
-            args.append(encode_field(name, value))
+        statuses = (
+            None if u.expect_status is None else tuple(str(s) for s in u.expect_status)
+        )
+        shape = (
+            tuple(fields),
+            statuses,
+            u.expect_attempt is not None,
+            u.expect_worker is not None,
+            u.expect_cancel_requested is not None,
+        )
+        sql = _UPDATE_SQL.get(shape)
+        if sql is None:
+            sql = _UPDATE_SQL[shape] = _build_update_sql(*shape)
+        args = [encode_field(name, value) for name, value in fields.items()]
         if "updated_at" not in fields:
-            sets.append("updated_at = ?")
             args.append(to_epoch(self._clock.now()))
-        where = ["id = ?"]
         args.append(u.job_id)
-        if u.expect_status is not None:
-            statuses = [str(s) for s in u.expect_status]
-            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+        if statuses is not None:
             args.extend(statuses)
         if u.expect_attempt is not None:
-            where.append("attempt = ?")
             args.append(u.expect_attempt)
         if u.expect_worker is not None:
-            where.append("worker_id = ?")
             args.append(u.expect_worker)
         if u.expect_cancel_requested is not None:
-            where.append("cancel_requested = ?")
             args.append(int(u.expect_cancel_requested))
-        sql = (
-            f"UPDATE jobs SET {', '.join(sets)} WHERE {' AND '.join(where)} "
-            f"RETURNING {_RETURNING}"
-        )
         return sql, args
 
     async def find_expired(
@@ -533,11 +535,83 @@ class SqliteStore(JobStore):
 
 
 def _decode(row: Row) -> Job:
-    """Build a Job from a row of ``seq`` followed by ``_COLUMNS``."""
-    return decode_row(dict(zip(_COLUMNS, row[1:], strict=True)))
+    """Build a Job from a row of ``seq`` followed by ``_COLUMNS``.
+
+    The row becomes one JSON document that pydantic parses and validates in one
+    call: JSON columns are spliced in as they are stored, text is escaped, and
+    epoch seconds are numbers (pydantic reads them as UTC datetimes). This is
+    about half the cost of ``decode_row``, which parses each column on its own.
+    """
+    parts: builtins.list[str] = []
+    for kind, prefix, value in zip(_KINDS, _PREFIXES, row[1:], strict=True):
+        if value is None:
+            continue
+        if kind is _TEXT:
+            parts.append(prefix + _quote(value))
+        elif kind is _RAW:
+            parts.append(prefix + value)
+        elif kind is _BOOL:
+            parts.append(prefix + ("true" if value else "false"))
+        else:
+            parts.append(prefix + repr(value))
+    return Job.model_validate_json("{" + ",".join(parts) + "}")
+
+
+_TEXT, _RAW, _BOOL, _NUMBER = "text", "raw", "bool", "number"
+_KINDS = tuple(
+    _RAW
+    if name in JSON_FIELDS
+    else _BOOL
+    if name == "cancel_requested"
+    else _NUMBER
+    if name in TIME_FIELDS or name in _NUMBER_COLUMNS
+    else _TEXT
+    for name in _COLUMNS
+)
+_PREFIXES = tuple(f'"{name}":' for name in _COLUMNS)
 
 
 _COLUMN_SET = frozenset(_COLUMNS) - {"id"}
+
+#: UPDATE statements by shape (fields named, statuses, which checks), built once.
+_UPDATE_SQL: dict[tuple[Any, ...], str] = {}
+
+
+def _build_update_sql(
+    names: tuple[str, ...],
+    statuses: tuple[str, ...] | None,
+    attempt: bool,
+    worker: bool,
+    cancel_requested: bool,
+) -> str:
+    """Return the compare-and-set UPDATE for one shape of ``Update``.
+
+    Raises:
+        ValueError: A name is not a job field that can be updated.
+    """
+    sets: builtins.list[str] = []
+    for name in names:
+        if name == APPEND_ERROR:
+            sets.append("errors = json_insert(errors, '$[#]', json(?))")
+        elif name in _COLUMN_SET:
+            sets.append(f"{name} = ?")
+        else:
+            raise ValueError(f"{name!r} is not a job field that can be updated")
+    if "updated_at" not in names:
+        sets.append("updated_at = ?")
+    where = ["id = ?"]
+    if statuses is not None:
+        where.append(f"status IN ({', '.join('?' * len(statuses))})")
+    if attempt:
+        where.append("attempt = ?")
+    if worker:
+        where.append("worker_id = ?")
+    if cancel_requested:
+        where.append("cancel_requested = ?")
+    return (
+        f"UPDATE jobs SET {', '.join(sets)} WHERE {' AND '.join(where)} "
+        f"RETURNING {_RETURNING}"
+    )
 
 
 def _daemonize(connection: aiosqlite.Connection) -> None:
