@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiosqlite
+from pydantic import ValidationError
 
 from backgrounder.clock import Clock, SystemClock
 from backgrounder.errors import ConfigurationError, StoreError
@@ -27,6 +28,7 @@ from backgrounder.store.base import (
     TIME_FIELDS,
     JobStore,
     Update,
+    decode_row,
     encode_field,
     to_epoch,
 )
@@ -139,20 +141,35 @@ Op = Callable[[sqlite3.Connection], Any]
 def _run_batch(conn: sqlite3.Connection, ops: builtins.list[Op]) -> builtins.list[Any]:
     """Run ``ops`` in one write transaction; one op's failure spares the others.
 
-    Runs in the connection's thread. Each op gets a savepoint when there are
-    several, so an op that raises is undone alone and its exception is returned
-    in its place.
+    Runs in the connection's thread. The ops run one after the other in one
+    transaction; if one raises, the transaction is rolled back and the batch
+    runs again with a savepoint around each op, so the failing op is undone
+    alone and its exception is returned in its place. Ops only read and write
+    through ``conn``, so running them again after the rollback is safe; the
+    savepoints cost two statements per op, which the usual batch is spared.
+    """
+    try:
+        return _run_ops(conn, ops, savepoints=False)
+    except sqlite3.Error as exc:
+        if len(ops) == 1:
+            return [exc]
+    return _run_ops(conn, ops, savepoints=True)
+
+
+def _run_ops(
+    conn: sqlite3.Connection, ops: builtins.list[Op], *, savepoints: bool
+) -> builtins.list[Any]:
+    """Run ``ops`` in one transaction, committed unless one raises.
+
+    Without savepoints an op's sqlite3.Error rolls everything back and is
+    raised; with them it is undone alone and returned in the op's place.
     """
     results: builtins.list[Any] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
         for op in ops:
-            if len(ops) == 1:
-                try:
-                    results.append(op(conn))
-                except sqlite3.Error as exc:
-                    conn.execute("ROLLBACK")
-                    return [exc]
+            if not savepoints:
+                results.append(op(conn))
                 continue
             conn.execute("SAVEPOINT op")
             try:
@@ -554,7 +571,12 @@ def _decode(row: Row) -> Job:
             parts.append(prefix + ("true" if value else "false"))
         else:
             parts.append(prefix + repr(value))
-    return Job.model_validate_json("{" + ",".join(parts) + "}")
+    try:
+        return Job.model_validate_json("{" + ",".join(parts) + "}")
+    except ValidationError:
+        # pydantic's JSON parser refuses what json accepts (a lone surrogate
+        # escaped in a message); the column-by-column path reads it, or raises.
+        return decode_row(dict(zip(_COLUMNS, row[1:], strict=True)))
 
 
 _TEXT, _RAW, _BOOL, _NUMBER = "text", "raw", "bool", "number"
