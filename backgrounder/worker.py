@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from backgrounder._json import check_json
 from backgrounder._logging import job_log_extra
+from backgrounder.clock import SystemClock
 from backgrounder.errors import (
     BackendError,
     InvalidParamsError,
@@ -60,6 +61,11 @@ class _Outcome:
     kind: str  # done | error | canceled | shutdown | lost
     assets: Assets | None = None
     error: ErrorInfo | None = None
+
+
+def _raise_flag(execution: _Execution, flag: str) -> None:
+    setattr(execution, flag, True)
+    execution.poke()
 
 
 @dataclass
@@ -629,13 +635,16 @@ class Worker:
         job = execution.job
         hold_slot_for_thread = False
         try:
-            logger.info(
-                "job %s started: task %s, attempt %d",
-                job.id,
-                job.task,
-                job.attempt,
-                extra=job_log_extra(job, event="job.started", worker_id=self.worker_id),
-            )
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "job %s started: task %s, attempt %d",
+                    job.id,
+                    job.task,
+                    job.attempt,
+                    extra=job_log_extra(
+                        job, event="job.started", worker_id=self.worker_id
+                    ),
+                )
             await self.manager.emit("status", job)
             outcome = await self._run_attempt(execution)
             await self._record(execution, outcome)
@@ -702,13 +711,9 @@ class Worker:
         run = asyncio.ensure_future(self._call_runner(execution))
         execution.run = run
         run.add_done_callback(execution.poke)
-        timers: list[asyncio.Future[None]] = []
+        timers: list[asyncio.Future[None] | asyncio.TimerHandle] = []
         if job.timeout_seconds is not None:
-            timers.append(
-                asyncio.ensure_future(
-                    self._after(job.timeout_seconds, execution, "timed_out")
-                )
-            )
+            timers.append(self._later(job.timeout_seconds, execution, "timed_out"))
         graced = False
         if job.cancel_requested:
             execution.cancel = True
@@ -752,12 +757,8 @@ class Worker:
                     graced = True
                     execution.ctx.request_cancel()
                     timers.append(
-                        asyncio.ensure_future(
-                            self._after(
-                                self.settings.cancel_grace_seconds,
-                                execution,
-                                "grace_over",
-                            )
+                        self._later(
+                            self.settings.cancel_grace_seconds, execution, "grace_over"
                         )
                     )
                     logger.info(
@@ -771,11 +772,23 @@ class Worker:
             for timer in timers:
                 timer.cancel()
 
+    def _later(
+        self, seconds: float, execution: _Execution, flag: str
+    ) -> asyncio.Future[None] | asyncio.TimerHandle:
+        """Set ``flag`` on the execution after ``seconds``; cancel() to call off.
+
+        On the system clock this is a loop timer (no task per job); any other
+        clock (a FakeClock in tests) is slept on, so it decides when time passes.
+        """
+        if type(self.clock) is SystemClock:
+            loop = asyncio.get_running_loop()
+            return loop.call_later(seconds, _raise_flag, execution, flag)
+        return asyncio.ensure_future(self._after(seconds, execution, flag))
+
     async def _after(self, seconds: float, execution: _Execution, flag: str) -> None:
         """Set ``flag`` on the execution after ``seconds`` on the clock."""
         await self.clock.sleep(seconds)
-        setattr(execution, flag, True)
-        execution.poke()
+        _raise_flag(execution, flag)
 
     @staticmethod
     def _thread_running(execution: _Execution) -> bool:
@@ -1128,17 +1141,18 @@ class Worker:
                 # user was told the job is being canceled, so it never ends done.
                 outcome = _Outcome(kind="canceled", error=self._cancel_error(execution))
             if updated is not None:
-                logger.info(
-                    "job %s done in %.3f s",
-                    job.id,
-                    elapsed,
-                    extra=job_log_extra(
-                        job,
-                        event="job.done",
-                        worker_id=self.worker_id,
-                        duration=elapsed,
-                    ),
-                )
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info(
+                        "job %s done in %.3f s",
+                        job.id,
+                        elapsed,
+                        extra=job_log_extra(
+                            job,
+                            event="job.done",
+                            worker_id=self.worker_id,
+                            duration=elapsed,
+                        ),
+                    )
                 await manager.emit("status", updated)
                 return
         assert outcome.error is not None
