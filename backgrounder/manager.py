@@ -671,6 +671,10 @@ class JobManager:
 
     # ------------------------------------------------------------ events
 
+    def has_listeners(self, job_id: str) -> bool:
+        """Return True when an event about ``job_id`` would reach anybody."""
+        return self._has_event_hooks or self.events_bus.has_subscribers(job_id)
+
     async def emit(self, kind: str, job: Job) -> None:
         """Publish an event to this process's subscribers and the job-event hook."""
         if not self._has_event_hooks and not self.events_bus.has_subscribers(job.id):

@@ -1155,7 +1155,7 @@ class Worker:
                 await manager.emit("status", updated)
             return
         if outcome.kind == "done":
-            updated = await manager.store.update(
+            done = Update(
                 job.id,
                 {
                     "status": JobStatus.done,
@@ -1165,9 +1165,21 @@ class Worker:
                     "error": None,
                     "lease_expires_at": None,
                 },
+                expect_status=_RUNNING,
+                expect_attempt=job.attempt,
+                expect_worker=self.worker_id,
                 expect_cancel_requested=False,
-                **cas,  # type: ignore[arg-type]
             )
+            # The job is read back only for whoever listens to its events.
+            listened = manager.has_listeners(job.id)
+            landed = (
+                await manager.store.update_many([done])
+                if listened
+                else [job]
+                if await manager.store.apply(done)
+                else [None]
+            )
+            updated = landed[0]
             if updated is None:
                 # A cancel accepted while the result was on its way wins: the
                 # user was told the job is being canceled, so it never ends done.
@@ -1185,7 +1197,12 @@ class Worker:
                             duration=elapsed,
                         ),
                     )
-                await manager.emit("status", updated)
+                if not listened and manager.has_listeners(job.id):
+                    # Somebody subscribed while the write was on its way.
+                    updated = await manager.store.get(job.id) or updated
+                    listened = True
+                if listened:
+                    await manager.emit("status", updated)
                 return
         assert outcome.error is not None
         if outcome.kind == "canceled":

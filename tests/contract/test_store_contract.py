@@ -19,7 +19,7 @@ from backgrounder.models import (
     ResourceRequest,
     Stage,
 )
-from backgrounder.store.base import APPEND_ERROR, JobStore
+from backgrounder.store.base import APPEND_ERROR, JobStore, Update
 from backgrounder_testing import FakeClock
 
 
@@ -346,3 +346,35 @@ async def test_text_json_cannot_spell_round_trips(
     assert again == updated
     page = await store.list(status=JobStatus.failed)
     assert [j.error for j in page.items] == [error]
+
+
+async def test_apply_says_whether_the_compare_and_set_landed(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job, _ = await store.create(make_job(clock))
+    start = Update(
+        job.id,
+        {"status": JobStatus.running, "worker_id": "w1"},
+        expect_status={JobStatus.queued},
+        expect_attempt=1,
+    )
+    assert await store.apply(start) is True
+    # The same start again misses: the job is no longer queued.
+    assert await store.apply(start) is False
+    finish = Update(
+        job.id,
+        {"status": JobStatus.done, "progress": Progress(percent=100)},
+        expect_status={JobStatus.running},
+        expect_worker="w2",
+    )
+    assert await store.apply(finish) is False
+    assert await store.apply(Update("no-such-job", {"priority": 1})) is False
+    stored = await store.get(job.id)
+    assert stored is not None
+    assert (stored.status, stored.worker_id) == (JobStatus.running, "w1")
+    assert await store.apply(
+        Update(job.id, finish.fields, expect_worker="w1", expect_attempt=1)
+    )
+    stored = await store.get(job.id)
+    assert stored is not None and stored.status == JobStatus.done
+    assert stored.progress.percent == 100
