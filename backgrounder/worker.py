@@ -666,6 +666,7 @@ class Worker:
     async def _execute(self, execution: _Execution) -> None:
         job = execution.job
         hold_slot_for_thread = False
+        released = False
         try:
             if logger.isEnabledFor(logging.INFO):
                 logger.info(
@@ -679,10 +680,17 @@ class Worker:
                 )
             await self.manager.emit("status", job)
             outcome = await self._run_attempt(execution)
+            if outcome.kind == "done" and not self._thread_running(execution):
+                # Nothing of the job runs any more and it cannot come back to
+                # the queue: its slot and resources take the next job while the
+                # result is written (its lease is renewed until then). A failed
+                # attempt keeps its slot until its retry is queued, so the retry
+                # of a high-priority job goes before older low-priority ones.
+                released = True
+                self.manager.resources.release(execution.reservation)
+                self._release_slot()
             await self._record(execution, outcome)
-            hold_slot_for_thread = (
-                execution.thread_done is not None and not execution.thread_done.is_set()
-            )
+            hold_slot_for_thread = not released and self._thread_running(execution)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -698,7 +706,9 @@ class Worker:
             if execution.flush_task is not None:
                 execution.flush_task.cancel()
             self.running.pop(job.id, None)
-            if hold_slot_for_thread:
+            if released:
+                pass
+            elif hold_slot_for_thread:
                 self._hold_until_thread_ends(execution)
             else:
                 self.manager.resources.release(execution.reservation)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -10,6 +10,7 @@ from typing import Any
 from backgrounder import Job, JobManager, JobStatus, NoopRunner, TaskRegistry
 from backgrounder.models import ErrorCode, ResourceRequest
 from backgrounder.resources import ResourceManager
+from backgrounder.store.base import Update
 from backgrounder.store.sqlite import SqliteStore
 from backgrounder_testing import FakeClock
 from tests.conftest import wait_for
@@ -88,13 +89,25 @@ class _CancelBeforeDone(SqliteStore):
 
     before_done: Callable[[str], Awaitable[object]] | None = None
 
-    async def update(
-        self, job_id: str, fields: Mapping[str, Any], **expect: Any
-    ) -> Job | None:
+    async def _before(self, job_id: str, fields: Mapping[str, Any]) -> None:
         if fields.get("status") == JobStatus.done and self.before_done is not None:
             hook, self.before_done = self.before_done, None
             await hook(job_id)
+
+    async def update(
+        self, job_id: str, fields: Mapping[str, Any], **expect: Any
+    ) -> Job | None:
+        await self._before(job_id, fields)
         return await super().update(job_id, fields, **expect)
+
+    async def apply(self, update: Update) -> bool:
+        await self._before(update.job_id, update.fields)
+        return await super().apply(update)
+
+    async def update_many(self, updates: Sequence[Update]) -> list[Job | None]:
+        for u in updates:
+            await self._before(u.job_id, u.fields)
+        return await super().update_many(updates)
 
 
 async def test_b15_cancel_accepted_after_runner_returned_never_ends_done(
