@@ -717,12 +717,10 @@ class JobManager:
     async def restore_queue(self) -> int:
         """Put every job the store holds as queued on the queue; return how many."""
         count = 0
-        now = self.clock.now()
         for job in await self.store.find_queued(limit=10_000_000):
-            delay = 0.0
-            if job.run_after is not None:
-                delay = max(0.0, (job.run_after - now).total_seconds())
-            await self.queue.push(job.id, priority=job.priority, delay_seconds=delay)
+            await self.queue.push(
+                job.id, priority=job.priority, delay_seconds=self._remaining(job)
+            )
             count += 1
         if count:
             logger.info(
@@ -928,12 +926,21 @@ class JobManager:
         Covers a crash between a store write and the queue push that should follow.
         """
         before = self.clock.now() - timedelta(seconds=self.settings.lease_seconds)
-        now = self.clock.now()
         for job in await self.store.find_queued(updated_before=before, limit=1000):
-            delay = 0.0
-            if job.run_after is not None:
-                delay = max(0.0, (job.run_after - now).total_seconds())
-            await self.queue.push(job.id, priority=job.priority, delay_seconds=delay)
+            await self.queue.push(
+                job.id, priority=job.priority, delay_seconds=self._remaining(job)
+            )
+
+    def _remaining(self, job: Job) -> float:
+        """Return the seconds until ``job.run_after``, measured now (0 if due).
+
+        Read the clock just before each push, never before the store read that
+        found the job: time passes during that read, and a delay measured from
+        an older "now" would push the job later than its run_after.
+        """
+        if job.run_after is None:
+            return 0.0
+        return max(0.0, (job.run_after - self.clock.now()).total_seconds())
 
     def _require_started(self) -> None:
         if not self._started or self._closed:

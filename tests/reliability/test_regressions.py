@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from backgrounder import Job, JobManager, JobStatus, NoopRunner, TaskRegistry
-from backgrounder.models import ErrorCode, ResourceRequest
+from backgrounder.models import ErrorCode, ErrorInfo, ResourceRequest
 from backgrounder.resources import ResourceManager
 from backgrounder.store.sqlite import SqliteStore
 from backgrounder_testing import FakeClock
@@ -117,3 +117,80 @@ async def test_b15_cancel_accepted_after_runner_returned_never_ends_done(
         assert answers and answers[0].cancel_requested
         assert answers[0].status == JobStatus.running
         assert final.status != JobStatus.done
+
+
+class _SlowFindQueued(SqliteStore):
+    """A SQLite store whose ``find_queued`` read takes ``read_seconds`` on a clock."""
+
+    clock: FakeClock | None = None
+    read_seconds = 0.0
+
+    async def find_queued(
+        self, *, updated_before: Any = None, limit: int = 1000
+    ) -> list[Job]:
+        jobs = await super().find_queued(updated_before=updated_before, limit=limit)
+        if self.clock is not None:
+            self.clock.advance(self.read_seconds)
+        return jobs
+
+
+async def test_requeue_of_a_delayed_retry_keeps_its_run_after(tmp_path: Path) -> None:
+    """A queued retry pushed again after a slow store read is due at its run_after.
+
+    The re-push measured the delay from a "now" taken before the read, so time
+    spent in the read was added to the delay: a FakeClock test that advanced to
+    just past run_after while the maintenance pass read the store saw its retry
+    never run.
+    """
+    clock = FakeClock()
+    store = _SlowFindQueued(tmp_path / "jobs.db")
+    registry = TaskRegistry()
+    registry.add("work", NoopRunner(sleep_ms=0))
+    async with JobManager(
+        store=store,
+        registry=registry,
+        clock=clock,
+        worker_count=0,
+        retry_backoff_seconds=100,
+    ) as manager:
+        job = await manager.submit("work", max_retries=1)
+        assert await manager.queue.claim(
+            worker_id="w1", lease_seconds=30, timeout_seconds=0
+        )
+        running = await manager.store.update(
+            job.id,
+            {"status": JobStatus.running, "worker_id": "w1"},
+            expect_status={JobStatus.queued},
+        )
+        await manager.queue.ack(job.id)
+        assert running is not None
+        retry = await manager.finish_attempt(
+            running,
+            error=ErrorInfo(
+                code=ErrorCode.execution_error,
+                type="RuntimeError",
+                message="upstream answered 503",
+                retryable=True,
+            ),
+            worker_id="w1",
+            progress=running.progress,
+        )
+        assert retry is not None and retry.run_after is not None
+        due_in = (retry.run_after - clock.now()).total_seconds()
+        assert due_in >= 40
+
+        store.clock, store.read_seconds = clock, 30
+        assert await manager.restore_queue() == 1
+        store.clock = None
+        clock.advance(due_in - 30 - 0.5)
+        assert (
+            await manager.queue.claim(
+                worker_id="w2", lease_seconds=30, timeout_seconds=0
+            )
+            is None
+        )
+        clock.advance(1)
+        claimed = await manager.queue.claim(
+            worker_id="w2", lease_seconds=30, timeout_seconds=0
+        )
+        assert claimed == job.id
