@@ -43,6 +43,7 @@ def _crash(manager: JobManager) -> None:
 # ---------------------------------------------------------------- B01
 
 
+@pytest.mark.all_backends
 async def test_b01_orphaned_job_is_recovered_within_three_heartbeats(
     make_manager: ManagerFactory, clock: FakeClock
 ) -> None:
@@ -899,6 +900,7 @@ async def test_b15_cancel_of_a_done_job_is_a_conflict(
     assert (await manager.assets(job.id)) == Assets(custom={"stages": 5})
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize(
     "ending",
     ["returns", "raises"],

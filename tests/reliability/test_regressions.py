@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from backgrounder import Job, JobManager, JobStatus, NoopRunner, TaskRegistry
 from backgrounder.models import ErrorCode, ErrorInfo, ResourceRequest
 from backgrounder.resources import ResourceManager
 from backgrounder.store.sqlite import SqliteStore
 from backgrounder_testing import FakeClock
-from tests.conftest import wait_for
+from tests.conftest import ManagerFactory, wait_for
 
 
 def test_two_attempts_of_one_job_hold_two_reservations() -> None:
@@ -83,40 +85,33 @@ async def test_accepted_cancel_is_not_undone_by_a_lost_worker(tmp_path: Path) ->
         assert await manager.queue.size() == 0
 
 
-class _CancelBeforeDone(SqliteStore):
-    """A SQLite store that lets a test act just before the worker writes done."""
-
-    before_done: Callable[[str], Awaitable[object]] | None = None
-
-    async def update(
-        self, job_id: str, fields: Mapping[str, Any], **expect: Any
-    ) -> Job | None:
-        if fields.get("status") == JobStatus.done and self.before_done is not None:
-            hook, self.before_done = self.before_done, None
-            await hook(job_id)
-        return await super().update(job_id, fields, **expect)
-
-
+@pytest.mark.all_backends
 async def test_b15_cancel_accepted_after_runner_returned_never_ends_done(
-    tmp_path: Path,
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A job whose cancel was answered with a running job never ends done."""
+    """A job whose cancel was answered with a running job never ends done.
+
+    The cancel is made just before the worker's done write reaches the store
+    (the store's ``update`` is wrapped), on every store/queue pair.
+    """
     registry = TaskRegistry()
     registry.add("quick", NoopRunner(sleep_ms=0, stages=1))
-    store = _CancelBeforeDone(tmp_path / "jobs.db")
-    async with JobManager(store=store, registry=registry, worker_count=1) as manager:
-        answers: list[Job] = []
+    manager = await make_manager(registry, worker_count=1)
+    answers: list[Job] = []
+    write = manager.store.update
 
-        async def cancel(job_id: str) -> None:
+    async def update(job_id: str, fields: Mapping[str, Any], **expect: Any) -> Any:
+        if fields.get("status") == JobStatus.done and not answers:
             answers.append(await manager.cancel(job_id))
+        return await write(job_id, fields, **expect)
 
-        store.before_done = cancel
-        job = await manager.submit("quick")
-        final = await wait_for(manager, job.id)
+    monkeypatch.setattr(manager.store, "update", update)
+    job = await manager.submit("quick")
+    final = await wait_for(manager, job.id)
 
-        assert answers and answers[0].cancel_requested
-        assert answers[0].status == JobStatus.running
-        assert final.status != JobStatus.done
+    assert answers and answers[0].cancel_requested
+    assert answers[0].status == JobStatus.running
+    assert final.status == JobStatus.canceled
 
 
 class _SlowFindQueued(SqliteStore):
