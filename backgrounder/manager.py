@@ -420,13 +420,18 @@ class JobManager:
             JobNotFoundError: No job has that id.
         """
         self._require_started()
+        # Store writes of progress are coalesced; a job running here has fresher
+        # progress in memory, so readers see it at once. It is noted before the
+        # read too: the attempt may end while the store answers, and the read
+        # (still "running") must not show the older stored progress then.
+        before = self.worker.live_attempt(job_id) if self.worker else None
         job = await self.store.get(job_id)
         if job is None:
             raise JobNotFoundError(job_id)
         if job.status == JobStatus.running and self.worker is not None:
-            # Store writes of progress are coalesced; a job running here has
-            # fresher progress in memory, so readers see it at once.
             live = self.worker.live_progress(job.id, job.attempt)
+            if live is None and before is not None and before[0] == job.attempt:
+                live = before[1]
             if live is not None:
                 job = job.model_copy(update={"progress": live})
         return job

@@ -317,6 +317,13 @@ class Worker:
             return None
         return execution.ctx.last_progress
 
+    def live_attempt(self, job_id: str) -> tuple[int, Progress] | None:
+        """Return (attempt, latest progress) of the job if it runs here, else None."""
+        execution = self.running.get(job_id)
+        if execution is None:
+            return None
+        return execution.job.attempt, execution.ctx.last_progress
+
     def status(self) -> dict[str, Any]:
         """Return the worker's health: alive, slots, running and zombie counts."""
         alive = self._loop_task is not None and not self._loop_task.done()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -9,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from backgrounder import Job, JobManager, JobStatus, NoopRunner, TaskRegistry
+from backgrounder import (
+    Job,
+    JobManager,
+    JobStatus,
+    NoopRunner,
+    RunContext,
+    Stage,
+    TaskRegistry,
+)
 from backgrounder.models import ErrorCode, ErrorInfo, ResourceRequest
 from backgrounder.resources import ResourceManager
 from backgrounder.store.sqlite import SqliteStore
@@ -189,3 +198,60 @@ async def test_requeue_of_a_delayed_retry_keeps_its_run_after(tmp_path: Path) ->
             worker_id="w2", lease_seconds=30, timeout_seconds=0
         )
         assert claimed == job.id
+
+
+class _ReportsThenWaits:
+    """Report 20 % then 40 %, then wait for the test before returning."""
+
+    def __init__(self) -> None:
+        self.reported = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def execute(self, job: Job, ctx: RunContext) -> None:
+        await ctx.progress(20, Stage.infer, 1, 5)
+        await ctx.progress(40, Stage.infer, 2, 5)
+        self.reported.set()
+        await self.gate.wait()
+
+
+@pytest.mark.all_backends
+async def test_b38_progress_read_while_the_attempt_ends_never_goes_down(
+    make_manager: ManagerFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that the store answers "running" just after the attempt ended here
+    still shows the attempt's latest progress, not the older stored one.
+
+    Progress writes are coalesced, so the store lags; the live progress used to
+    be looked up only after the read, when the attempt was already gone, and a
+    poller saw 40 %, then 20 % (found by the B38 poll test on the real server).
+    """
+    runner = _ReportsThenWaits()
+    registry = TaskRegistry()
+    registry.add("steps", runner)
+    manager = await make_manager(
+        registry, clock=clock, worker_count=1, progress_interval_seconds=3600
+    )
+    job = await manager.submit("steps")
+    async with asyncio.timeout(10):
+        await runner.reported.wait()
+    assert (await manager.get(job.id)).progress.percent == 40
+    assert manager.worker is not None
+    worker = manager.worker
+    read = manager.store.get
+
+    async def read_then_finish(job_id: str) -> Job | None:
+        stale = await read(job_id)
+        runner.gate.set()
+        async with asyncio.timeout(10):
+            while job_id in worker.running:
+                await asyncio.sleep(0)
+        return stale
+
+    monkeypatch.setattr(manager.store, "get", read_then_finish)
+    seen = await manager.get(job.id)
+
+    assert seen.status == JobStatus.running
+    assert seen.progress.percent == 40
+    monkeypatch.undo()
+    done = await wait_for(manager, job.id)
+    assert (done.status, done.progress.percent) == (JobStatus.done, 40)
