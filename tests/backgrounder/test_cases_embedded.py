@@ -30,7 +30,7 @@ from backgrounder import (
 from backgrounder.errors import InvalidParamsError, JobStateError, SubmitError
 from backgrounder_testing import FakeClock
 from tests.backgrounder.casekit import Probe, drive_until, settle, started
-from tests.conftest import ManagerFactory, wait_for
+from tests.conftest import BackendPair, ManagerFactory, wait_for
 
 
 def _crash(manager: JobManager) -> None:
@@ -827,15 +827,20 @@ def _open_fds() -> int:
     return len(list(Path("/proc/self/fd").iterdir()))
 
 
+@pytest.mark.all_backends
 async def test_b29_open_close_cycles_keep_threads_and_fds_flat(
-    tmp_path: Path,
+    tmp_path: Path, backend_pair: BackendPair
 ) -> None:
-    """200 start/close cycles leave the thread and descriptor counts where they were."""
+    """200 start/close cycles leave the thread and descriptor counts where they were.
+
+    On Redis the descriptors are the connections: none may outlive its manager.
+    """
     registry = TaskRegistry()
     registry.add("noop", NoopRunner(sleep_ms=0))
 
     async def cycle() -> None:
-        manager = JobManager(db_path=tmp_path / "jobs.db", registry=registry)
+        where = backend_pair() or {"db_path": tmp_path / "jobs.db"}
+        manager = JobManager(registry=registry, **where)
         async with manager:
             pass
 
@@ -863,23 +868,32 @@ class FailingQueue:
         return None
 
 
+@pytest.mark.all_backends
 async def test_b29_startup_failure_after_the_store_opened_leaves_no_thread(
-    tmp_path: Path,
+    tmp_path: Path, backend_pair: BackendPair
 ) -> None:
-    """The store's connection thread is gone after a failed start."""
-    threads = _store_threads()
-    manager = JobManager(db_path=tmp_path / "jobs.db", queue=FailingQueue())  # type: ignore[arg-type]
+    """The store's connection thread (SQLite) or connections (Redis) are gone
+    after a failed start."""
+    where = backend_pair() or {"db_path": tmp_path / "jobs.db"}
+    where["queue"] = FailingQueue()
+    threads, fds = _store_threads(), _open_fds()
+    manager = JobManager(**where)
 
     with pytest.raises(RuntimeError, match="refused to start"):
         await manager.start()
 
     assert _store_threads() == threads
+    assert _open_fds() <= fds
     assert not manager.started
 
 
-async def test_b29_dropped_manager_warns(tmp_path: Path) -> None:
+@pytest.mark.all_backends
+async def test_b29_dropped_manager_warns(
+    tmp_path: Path, backend_pair: BackendPair
+) -> None:
     """A manager dropped without close() gives a ResourceWarning naming the fix."""
-    manager = JobManager(db_path=tmp_path / "jobs.db", worker_count=0)
+    where = backend_pair() or {"db_path": tmp_path / "jobs.db"}
+    manager = JobManager(worker_count=0, **where)
     await manager.start()
 
     with pytest.warns(ResourceWarning, match="close"):
