@@ -326,7 +326,11 @@ async def test_b15_cancel_racing_the_claim_never_ends_done_long(
 class Cooperative:
     """Checks for cancel every 0.1 s of the job's clock; would run 60 s."""
 
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
     async def execute(self, job: Job, ctx: RunContext) -> None:
+        self.started.set()
         for i in range(600):
             await ctx.progress(i / 6, Stage.infer, i, 600)
             await ctx.check_canceled()
@@ -339,12 +343,17 @@ async def test_b16_cancel_gets_through_while_every_slot_is_busy(
 ) -> None:
     """With the only slot busy, cancel returns at once and the next job then runs."""
     registry = TaskRegistry()
-    registry.add("coop", Cooperative())
+    coop = Cooperative()
+    registry.add("coop", coop)
     registry.add("quick", NoopRunner(sleep_ms=0))
     manager = await make_manager(registry, clock=clock, worker_count=1, lease_seconds=3)
     a = await manager.submit("coop")
     queued = [(await manager.submit("quick", {"i": i})).id for i in range(5)]
     running = await wait_for(manager, a.id, "running")
+    # The store can say running before the worker has launched the attempt (the
+    # write's answer is still on its way); a heartbeat renews launched ones only.
+    async with asyncio.timeout(10):
+        await coop.started.wait()
     lease = running.lease_expires_at
     await clock.advance_async(1.05)  # a heartbeat while the worker is full
     assert lease is not None
