@@ -706,16 +706,18 @@ class Worker:
         job = execution.job
         loop = asyncio.get_running_loop()
         execution.wake = loop.create_future()
-        run = asyncio.ensure_future(self._call_runner(execution))
-        execution.run = run
-        run.add_done_callback(execution.poke)
         timers: list[asyncio.Future[None]] = []
         if job.timeout_seconds is not None:
+            # Started before the runner, so the deadline is on the clock by the
+            # time the runner's first step runs (a FakeClock takes it then).
             timers.append(
                 asyncio.ensure_future(
                     self._after(job.timeout_seconds, execution, "timed_out")
                 )
             )
+        run = asyncio.ensure_future(self._call_runner(execution))
+        execution.run = run
+        run.add_done_callback(execution.poke)
         graced = False
         if job.cancel_requested:
             execution.cancel = True

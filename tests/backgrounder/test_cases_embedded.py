@@ -127,6 +127,11 @@ async def test_b12_timed_out_threads_count_as_busy_and_health_says_so(
         quick = [(await manager.submit("quick", {"i": i})).id for i in range(3)]
         for job_id in slow[:2]:
             await wait_for(manager, job_id, "running")
+        # Running in the store may precede the launch here (on Redis the
+        # write's reply is still on its way); the deadlines start at launch.
+        async with asyncio.timeout(10):
+            while blocking.started < 2:
+                await asyncio.sleep(0)
 
         await clock.advance_async(1.1)
         for job_id in slow[:2]:
