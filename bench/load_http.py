@@ -3,13 +3,14 @@
 Starts the app (``setup_backgrounder``, SQLite temp file, in-process workers) under
 uvicorn on a free 127.0.0.1 port in a thread, then fires ``--submits`` POSTs from
 ``--concurrency`` clients (a third of them reuse an idempotency key three times),
-while cancellers cancel random accepted jobs. The runner records every
-(job id, attempt) it runs and fails the first attempt of some jobs
-(``max_retries=1``). At the end it waits for every job to end and prints the
-request rate and the counts that must be zero: 5xx answers, lost jobs (accepted
-but not readable or not listed), duplicated jobs (a key answered with two ids),
-attempts run twice, jobs not terminal. With ``--redis URL`` the jobs are kept in
-a Redis store and queue on a fresh key prefix (deleted at the end) instead.
+while cancellers cancel random accepted jobs. The runner records every (job id,
+attempt) it runs and fails the first attempt of some jobs (``max_retries=1``). At
+the end it waits for every job to end and prints the request rate and the counts
+that must be zero: 5xx answers, lost jobs (accepted but not readable or not listed),
+duplicated jobs (a key answered with two ids), attempts run twice, jobs not
+terminal, jobs done although a cancel was answered 200. With ``--redis URL`` the
+jobs are kept in a Redis store and queue on a fresh key prefix (deleted at the end)
+instead.
 
     python bench/load_http.py [--submits 5000] [--concurrency 64] [--workers 8]
                               [--redis redis://127.0.0.1:6379/0]
@@ -66,7 +67,9 @@ class Report:
     order: list[str] = field(default_factory=list)
     by_key: dict[str, set[str]] = field(default_factory=dict)
     cancels: Counter[int] = field(default_factory=Counter)
+    cancel_accepted: set[str] = field(default_factory=set)
     final: Counter[str] = field(default_factory=Counter)
+    done_after_cancel: int = 0
     lost: int = 0
     duplicated_keys: int = 0
     attempts_run_twice: int = 0
@@ -81,7 +84,8 @@ class Report:
             f"{dict(self.cancels)}; final {dict(self.final)}; 5xx "
             f"{self.server_errors}, lost {self.lost}, duplicated "
             f"{self.duplicated_keys}, attempts run twice {self.attempts_run_twice}, "
-            f"not terminal {self.not_terminal}"
+            f"not terminal {self.not_terminal}, done after an accepted cancel "
+            f"{self.done_after_cancel} (of {len(self.cancel_accepted)} jobs)"
         )
 
 
@@ -207,6 +211,8 @@ async def run_load(
                     report.requests += 1
                     report.cancels[response.status_code] += 1
                     report.status[response.status_code] += 1
+                    if response.status_code == 200:
+                        report.cancel_accepted.add(job_id)
                 await asyncio.sleep(0)
 
         started = time.perf_counter()
@@ -240,6 +246,9 @@ async def settle(client: httpx.AsyncClient, report: Report) -> None:
             await asyncio.sleep(0.1)
     report.not_terminal = len(pending)
     report.final = Counter(final.values())
+    report.done_after_cancel = sum(
+        1 for job_id in report.cancel_accepted if final.get(job_id) == "done"
+    )
     listed: set[str] = set()
     cursor: str | None = None
     while True:

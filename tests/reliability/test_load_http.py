@@ -52,5 +52,6 @@ def test_http_load_loses_and_duplicates_nothing(tmp_path: Path, where: str) -> N
     assert report.duplicated_keys == 0
     assert report.attempts_run_twice == 0
     assert report.not_terminal == 0
+    assert report.done_after_cancel == 0
     assert set(report.status) <= {200, 202, 409}, report.status
     assert len(report.accepted) == 600 - 200 + 200 // 3 + (1 if 200 % 3 else 0)
