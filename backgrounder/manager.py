@@ -452,13 +452,18 @@ class JobManager:
             JobNotFoundError: No job has that id.
         """
         self._require_started()
+        # Store writes of progress are coalesced; a job running here has fresher
+        # progress in memory, so readers see it at once. It is noted before the
+        # read too: the attempt may end while the store answers, and the read
+        # (still "running") must not show the older stored progress then.
+        before = self.worker.live_attempt(job_id) if self.worker else None
         job = await self.store.get(job_id)
         if job is None:
             raise JobNotFoundError(job_id)
         if job.status == JobStatus.running and self.worker is not None:
-            # Store writes of progress are coalesced; a job running here has
-            # fresher progress in memory, so readers see it at once.
             live = self.worker.live_progress(job.id, job.attempt)
+            if live is None and before is not None and before[0] == job.attempt:
+                live = before[1]
             if live is not None:
                 job = job.model_copy(update={"progress": live})
         return job
@@ -753,12 +758,10 @@ class JobManager:
     async def restore_queue(self) -> int:
         """Put every job the store holds as queued on the queue; return how many."""
         count = 0
-        now = self.clock.now()
         for job in await self.store.find_queued(limit=10_000_000):
-            delay = 0.0
-            if job.run_after is not None:
-                delay = max(0.0, (job.run_after - now).total_seconds())
-            await self.queue.push(job.id, priority=job.priority, delay_seconds=delay)
+            await self.queue.push(
+                job.id, priority=job.priority, delay_seconds=self._remaining(job)
+            )
             count += 1
         if count:
             logger.info(
@@ -964,12 +967,21 @@ class JobManager:
         Covers a crash between a store write and the queue push that should follow.
         """
         before = self.clock.now() - timedelta(seconds=self.settings.lease_seconds)
-        now = self.clock.now()
         for job in await self.store.find_queued(updated_before=before, limit=1000):
-            delay = 0.0
-            if job.run_after is not None:
-                delay = max(0.0, (job.run_after - now).total_seconds())
-            await self.queue.push(job.id, priority=job.priority, delay_seconds=delay)
+            await self.queue.push(
+                job.id, priority=job.priority, delay_seconds=self._remaining(job)
+            )
+
+    def _remaining(self, job: Job) -> float:
+        """Return the seconds until ``job.run_after``, measured now (0 if due).
+
+        Read the clock just before each push, never before the store read that
+        found the job: time passes during that read, and a delay measured from
+        an older "now" would push the job later than its run_after.
+        """
+        if job.run_after is None:
+            return 0.0
+        return max(0.0, (job.run_after - self.clock.now()).total_seconds())
 
     def _require_started(self) -> None:
         if not self._started or self._closed:

@@ -323,6 +323,13 @@ class Worker:
             return None
         return execution.ctx.last_progress
 
+    def live_attempt(self, job_id: str) -> tuple[int, Progress] | None:
+        """Return (attempt, latest progress) of the job if it runs here, else None."""
+        execution = self.running.get(job_id)
+        if execution is None:
+            return None
+        return execution.job.attempt, execution.ctx.last_progress
+
     def status(self) -> dict[str, Any]:
         """Return the worker's health: alive, slots, running and zombie counts."""
         alive = self._loop_task is not None and not self._loop_task.done()
@@ -750,12 +757,14 @@ class Worker:
         job = execution.job
         loop = asyncio.get_running_loop()
         execution.wake = loop.create_future()
+        timers: list[asyncio.Future[None] | asyncio.TimerHandle] = []
+        if job.timeout_seconds is not None:
+            # Started before the runner, so the deadline is on the clock by the
+            # time the runner's first step runs (a FakeClock takes it then).
+            timers.append(self._later(job.timeout_seconds, execution, "timed_out"))
         run = asyncio.ensure_future(self._call_runner(execution))
         execution.run = run
         run.add_done_callback(execution.poke)
-        timers: list[asyncio.Future[None] | asyncio.TimerHandle] = []
-        if job.timeout_seconds is not None:
-            timers.append(self._later(job.timeout_seconds, execution, "timed_out"))
         graced = False
         if job.cancel_requested:
             execution.cancel = True

@@ -3,14 +3,17 @@
 Starts the app (``setup_backgrounder``, SQLite temp file, in-process workers) under
 uvicorn on a free 127.0.0.1 port in a thread, then fires ``--submits`` POSTs from
 ``--concurrency`` clients (a third of them reuse an idempotency key three times),
-while cancellers cancel random accepted jobs. The runner records every
-(job id, attempt) it runs and fails the first attempt of some jobs
-(``max_retries=1``). At the end it waits for every job to end and prints the
-request rate and the counts that must be zero: 5xx answers, lost jobs (accepted
-but not readable or not listed), duplicated jobs (a key answered with two ids),
-attempts run twice, jobs not terminal.
+while cancellers cancel random accepted jobs. The runner records every (job id,
+attempt) it runs and fails the first attempt of some jobs (``max_retries=1``). At
+the end it waits for every job to end and prints the request rate and the counts
+that must be zero: 5xx answers, lost jobs (accepted but not readable or not listed),
+duplicated jobs (a key answered with two ids), attempts run twice, jobs not
+terminal, jobs done although a cancel was answered 200. With ``--redis URL`` the
+jobs are kept in a Redis store and queue on a fresh key prefix (deleted at the end)
+instead.
 
     python bench/load_http.py [--submits 5000] [--concurrency 64] [--workers 8]
+                              [--redis redis://127.0.0.1:6379/0]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +67,9 @@ class Report:
     order: list[str] = field(default_factory=list)
     by_key: dict[str, set[str]] = field(default_factory=dict)
     cancels: Counter[int] = field(default_factory=Counter)
+    cancel_accepted: set[str] = field(default_factory=set)
     final: Counter[str] = field(default_factory=Counter)
+    done_after_cancel: int = 0
     lost: int = 0
     duplicated_keys: int = 0
     attempts_run_twice: int = 0
@@ -78,23 +84,45 @@ class Report:
             f"{dict(self.cancels)}; final {dict(self.final)}; 5xx "
             f"{self.server_errors}, lost {self.lost}, duplicated "
             f"{self.duplicated_keys}, attempts run twice {self.attempts_run_twice}, "
-            f"not terminal {self.not_terminal}"
+            f"not terminal {self.not_terminal}, done after an accepted cancel "
+            f"{self.done_after_cancel} (of {len(self.cancel_accepted)} jobs)"
         )
 
 
-def build_app(db: Path, workers: int) -> tuple[FastAPI, Work]:
+def build_app(
+    db: Path, workers: int, redis_prefix: tuple[str, str] | None = None
+) -> tuple[FastAPI, Work]:
+    """The app on the SQLite file ``db``, or on Redis (url, key prefix)."""
     work = Work()
     registry = TaskRegistry()
     registry.add("work", work, max_retries=1)
+    where: dict[str, Any] = {"db_path": db}
+    if redis_prefix is not None:
+        url, prefix = redis_prefix
+        spec = f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+        where = {"store": spec, "queue": spec}
     app = FastAPI()
     setup_backgrounder(
         app,
-        db_path=db,
         registry=registry,
         worker_count=workers,
         retry_backoff_seconds=0,
+        **where,
     )
     return app, work
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (the run's own)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 def free_port() -> int:
@@ -183,6 +211,8 @@ async def run_load(
                     report.requests += 1
                     report.cancels[response.status_code] += 1
                     report.status[response.status_code] += 1
+                    if response.status_code == 200:
+                        report.cancel_accepted.add(job_id)
                 await asyncio.sleep(0)
 
         started = time.perf_counter()
@@ -216,6 +246,9 @@ async def settle(client: httpx.AsyncClient, report: Report) -> None:
             await asyncio.sleep(0.1)
     report.not_terminal = len(pending)
     report.final = Counter(final.values())
+    report.done_after_cancel = sum(
+        1 for job_id in report.cancel_accepted if final.get(job_id) == "done"
+    )
     listed: set[str] = set()
     cursor: str | None = None
     while True:
@@ -236,14 +269,25 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--redis", metavar="URL", help="keep jobs in Redis there")
     args = parser.parse_args()
+    redis = None
+    if args.redis:
+        redis = (args.redis, f"bgbench:{uuid.uuid4().hex[:12]}")
     with tempfile.TemporaryDirectory() as folder:
-        app, work = build_app(Path(folder) / "jobs.db", args.workers)
-        with ServerThread(app) as server:
-            report = asyncio.run(
-                run_load(server.url, work, args.submits, args.concurrency, args.seed)
-            )
-    print(report.line())
+        app, work = build_app(Path(folder) / "jobs.db", args.workers, redis)
+        try:
+            with ServerThread(app) as server:
+                report = asyncio.run(
+                    run_load(
+                        server.url, work, args.submits, args.concurrency, args.seed
+                    )
+                )
+        finally:
+            if redis is not None:
+                asyncio.run(delete_prefix(*redis))
+    where = "Redis" if redis else "SQLite"
+    print(f"{where}: {report.line()}")
 
 
 if __name__ == "__main__":

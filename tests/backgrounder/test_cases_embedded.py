@@ -30,7 +30,7 @@ from backgrounder import (
 from backgrounder.errors import InvalidParamsError, JobStateError, SubmitError
 from backgrounder_testing import FakeClock
 from tests.backgrounder.casekit import Probe, drive_until, settle, started
-from tests.conftest import ManagerFactory, wait_for
+from tests.conftest import BackendPair, ManagerFactory, wait_for
 
 
 def _crash(manager: JobManager) -> None:
@@ -43,6 +43,7 @@ def _crash(manager: JobManager) -> None:
 # ---------------------------------------------------------------- B01
 
 
+@pytest.mark.all_backends
 async def test_b01_orphaned_job_is_recovered_within_three_heartbeats(
     make_manager: ManagerFactory, clock: FakeClock
 ) -> None:
@@ -126,6 +127,11 @@ async def test_b12_timed_out_threads_count_as_busy_and_health_says_so(
         quick = [(await manager.submit("quick", {"i": i})).id for i in range(3)]
         for job_id in slow[:2]:
             await wait_for(manager, job_id, "running")
+        # Running in the store may precede the launch here (on Redis the
+        # write's reply is still on its way); the deadlines start at launch.
+        async with asyncio.timeout(10):
+            while blocking.started < 2:
+                await asyncio.sleep(0)
 
         await clock.advance_async(1.1)
         for job_id in slow[:2]:
@@ -325,7 +331,11 @@ async def test_b15_cancel_racing_the_claim_never_ends_done_long(
 class Cooperative:
     """Checks for cancel every 0.1 s of the job's clock; would run 60 s."""
 
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
     async def execute(self, job: Job, ctx: RunContext) -> None:
+        self.started.set()
         for i in range(600):
             await ctx.progress(i / 6, Stage.infer, i, 600)
             await ctx.check_canceled()
@@ -338,12 +348,17 @@ async def test_b16_cancel_gets_through_while_every_slot_is_busy(
 ) -> None:
     """With the only slot busy, cancel returns at once and the next job then runs."""
     registry = TaskRegistry()
-    registry.add("coop", Cooperative())
+    coop = Cooperative()
+    registry.add("coop", coop)
     registry.add("quick", NoopRunner(sleep_ms=0))
     manager = await make_manager(registry, clock=clock, worker_count=1, lease_seconds=3)
     a = await manager.submit("coop")
     queued = [(await manager.submit("quick", {"i": i})).id for i in range(5)]
     running = await wait_for(manager, a.id, "running")
+    # The store can say running before the worker has launched the attempt (the
+    # write's answer is still on its way); a heartbeat renews launched ones only.
+    async with asyncio.timeout(10):
+        await coop.started.wait()
     lease = running.lease_expires_at
     await clock.advance_async(1.05)  # a heartbeat while the worker is full
     assert lease is not None
@@ -420,7 +435,11 @@ async def test_b19_non_cooperative_async_runner_is_canceled_by_force(
     assert canceled.assets is None
     done = await drive_until(clock, manager, follower.id, lambda j: j.is_terminal)
     assert done.status == JobStatus.done
-    assert manager.resources.reserved_memory_mb() == 0
+    # The worker frees a reservation just after its final store write, so a
+    # reader of the store can see "done" a moment before the release.
+    async with asyncio.timeout(5):
+        while manager.resources.reserved_memory_mb():
+            await asyncio.sleep(0)
 
 
 class DeafSync:
@@ -822,15 +841,20 @@ def _open_fds() -> int:
     return len(list(Path("/proc/self/fd").iterdir()))
 
 
+@pytest.mark.all_backends
 async def test_b29_open_close_cycles_keep_threads_and_fds_flat(
-    tmp_path: Path,
+    tmp_path: Path, backend_pair: BackendPair
 ) -> None:
-    """200 start/close cycles leave the thread and descriptor counts where they were."""
+    """200 start/close cycles leave the thread and descriptor counts where they were.
+
+    On Redis the descriptors are the connections: none may outlive its manager.
+    """
     registry = TaskRegistry()
     registry.add("noop", NoopRunner(sleep_ms=0))
 
     async def cycle() -> None:
-        manager = JobManager(db_path=tmp_path / "jobs.db", registry=registry)
+        where = backend_pair() or {"db_path": tmp_path / "jobs.db"}
+        manager = JobManager(registry=registry, **where)
         async with manager:
             pass
 
@@ -858,23 +882,32 @@ class FailingQueue:
         return None
 
 
+@pytest.mark.all_backends
 async def test_b29_startup_failure_after_the_store_opened_leaves_no_thread(
-    tmp_path: Path,
+    tmp_path: Path, backend_pair: BackendPair
 ) -> None:
-    """The store's connection thread is gone after a failed start."""
-    threads = _store_threads()
-    manager = JobManager(db_path=tmp_path / "jobs.db", queue=FailingQueue())  # type: ignore[arg-type]
+    """The store's connection thread (SQLite) or connections (Redis) are gone
+    after a failed start."""
+    where = backend_pair() or {"db_path": tmp_path / "jobs.db"}
+    where["queue"] = FailingQueue()
+    threads, fds = _store_threads(), _open_fds()
+    manager = JobManager(**where)
 
     with pytest.raises(RuntimeError, match="refused to start"):
         await manager.start()
 
     assert _store_threads() == threads
+    assert _open_fds() <= fds
     assert not manager.started
 
 
-async def test_b29_dropped_manager_warns(tmp_path: Path) -> None:
+@pytest.mark.all_backends
+async def test_b29_dropped_manager_warns(
+    tmp_path: Path, backend_pair: BackendPair
+) -> None:
     """A manager dropped without close() gives a ResourceWarning naming the fix."""
-    manager = JobManager(db_path=tmp_path / "jobs.db", worker_count=0)
+    where = backend_pair() or {"db_path": tmp_path / "jobs.db"}
+    manager = JobManager(worker_count=0, **where)
     await manager.start()
 
     with pytest.warns(ResourceWarning, match="close"):
@@ -899,6 +932,7 @@ async def test_b15_cancel_of_a_done_job_is_a_conflict(
     assert (await manager.assets(job.id)) == Assets(custom={"stages": 5})
 
 
+@pytest.mark.all_backends
 @pytest.mark.parametrize(
     "ending",
     ["returns", "raises"],

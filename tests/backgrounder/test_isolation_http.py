@@ -6,6 +6,8 @@ import asyncio
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from backgrounder import NoopRunner, TaskRegistry
 from backgrounder.isolation import ProcessRunner
 from tests.backgrounder import _isolation_tasks as tasks
@@ -13,11 +15,13 @@ from tests.backgrounder._isolation_support import child_pid, gone
 from tests.backgrounder._isolation_support import (  # an autouse fixture
     no_child_left_behind as no_child_left_behind,
 )
+from tests.conftest import BackendPair
 from tests.integration.test_http import API, make_app, serve, wait_status
 
 
+@pytest.mark.all_backends
 async def test_b11_http_polls_answer_and_quick_job_finishes_during_block(
-    tmp_path: Path,
+    tmp_path: Path, backend_pair: BackendPair
 ) -> None:
     """A 50 ms poller gets every answer and a quick job finishes during the block.
 
@@ -29,7 +33,7 @@ async def test_b11_http_polls_answer_and_quick_job_finishes_during_block(
         "cpu_block", tasks.BusyLoop(), isolation="process", timeout_seconds=1
     )
     registry.add("quick", NoopRunner(sleep_ms=0, stages=1))
-    app, manager = make_app(tmp_path, registry, worker_count=2)
+    app, manager = make_app(tmp_path, registry, worker_count=2, **backend_pair())
     assert isinstance(spec.runner, ProcessRunner)
     async with serve(app) as client:
         await spec.runner.prestart()

@@ -1,20 +1,24 @@
-"""Graceful shutdown: running jobs go back to the queue with no attempt charged."""
+"""Graceful shutdown: running jobs go back to the queue with no attempt charged.
+
+Case B35; the tests marked ``all_backends`` run on every store/queue pair.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
-from backgrounder import Job, JobManager, JobStatus, TaskRegistry
-from backgrounder.store.sqlite import SqliteStore
+import pytest
+
+from backgrounder import Job, JobStatus, TaskRegistry
 from backgrounder_testing import FakeClock
 from tests.backgrounder.casekit import Probe, started
 from tests.conftest import ManagerFactory, wait_for
 
 
+@pytest.mark.all_backends
 async def test_shutdown_returns_a_running_job_uncharged(
-    make_manager: ManagerFactory, clock: FakeClock, tmp_path: object
+    make_manager: ManagerFactory, clock: FakeClock
 ) -> None:
     """Past shutdown_grace_seconds the job is queued again as the same attempt."""
     probe = Probe()
@@ -45,6 +49,7 @@ async def test_shutdown_returns_a_running_job_uncharged(
     assert probe.runs["j"] == 2
 
 
+@pytest.mark.all_backends
 async def test_shutdown_lets_a_job_finish_within_the_grace(
     make_manager: ManagerFactory, clock: FakeClock
 ) -> None:
@@ -63,9 +68,8 @@ async def test_shutdown_lets_a_job_finish_within_the_grace(
     async with asyncio.timeout(10):
         await closing
 
-    reader = JobManager(db_path=manager.store.path, worker_count=0)  # type: ignore[attr-defined]
-    async with reader:
-        assert (await reader.get(job.id)).status == JobStatus.done
+    reader = await make_manager(registry, worker_count=0)
+    assert (await reader.get(job.id)).status == JobStatus.done
 
 
 async def test_events_wait_on_the_manager_clock(
@@ -92,46 +96,46 @@ async def test_events_wait_on_the_manager_clock(
     await stream.aclose()
 
 
-class _SlowClaimWrite(SqliteStore):
-    """A store whose queued -> running write returns only when the test says."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def update(self, job_id: str, fields: Any, **expect: Any) -> Job | None:
-        job = await super().update(job_id, fields, **expect)
-        if fields.get("status") == JobStatus.running:
-            self.entered.set()
-            await self.gate.wait()
-        return job
-
-    async def update_many(self, updates: Any) -> list[Job | None]:
-        jobs = await super().update_many(updates)
-        if any(u.fields.get("status") == JobStatus.running for u in updates):
-            self.entered.set()
-            await self.gate.wait()
-        return jobs
-
-
+@pytest.mark.all_backends
 async def test_shutdown_during_a_claim_returns_the_job_uncharged(
-    tmp_path: Path,
+    make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A job claimed just as the worker stops is queued again as the same attempt."""
+    """A job claimed just as the worker stops is queued again as the same attempt.
+
+    The store's queued -> running write is held (wrapped) until the manager
+    closed, so the job is running in the store but was never launched.
+    """
     probe = Probe()
     registry = TaskRegistry()
     registry.add("probe", probe)
-    store = _SlowClaimWrite(tmp_path / "jobs.db")
-    manager = JobManager(store=store, registry=registry)
-    await manager.start()
+    manager = await make_manager(registry)
+    store = manager.store
+    entered, gate = asyncio.Event(), asyncio.Event()
+    update, update_many = store.update, store.update_many
+
+    async def held_update(job_id: str, fields: Any, **expect: Any) -> Job | None:
+        job = await update(job_id, fields, **expect)
+        if fields.get("status") == JobStatus.running:
+            entered.set()
+            await gate.wait()
+        return job
+
+    async def held_update_many(updates: Any) -> list[Job | None]:
+        jobs = await update_many(updates)
+        if any(u.fields.get("status") == JobStatus.running for u in updates):
+            entered.set()
+            await gate.wait()
+        return jobs
+
+    monkeypatch.setattr(store, "update", held_update)
+    monkeypatch.setattr(store, "update_many", held_update_many)
     job = await manager.submit("probe", {"name": "j"}, max_retries=0)
     async with asyncio.timeout(10):
-        await store.entered.wait()  # the job is running in the store, not launched
+        await entered.wait()  # the job is running in the store, not launched
 
     await manager.close()
 
-    async with JobManager(db_path=tmp_path / "jobs.db", registry=registry) as again:
-        done = await wait_for(again, job.id, "done")
+    again = await make_manager(registry)
+    done = await wait_for(again, job.id, "done")
     assert (done.attempt, done.errors) == (1, [])
     assert probe.runs["j"] == 1

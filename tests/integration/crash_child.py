@@ -2,7 +2,9 @@
 
 Usage: ``python crash_child.py DB MODE OPTIONS_JSON``. It prints one line per event
 (``ready``, ``started <job id> <attempt>``, ``summary <json>``) and flushes each, so
-the test can act on them. Modes:
+the test can act on them. With ``"redis": {"url": ..., "prefix": ...}`` in the
+options, the store and queue are Redis ones on that key prefix instead of the
+SQLite file DB and a memory queue. Modes:
 
 - ``forever``: run jobs until killed.
 - ``until-idle``: run until no job is queued or running, then exit 0.
@@ -35,6 +37,7 @@ from backgrounder import (
     TaskRegistry,
 )
 from backgrounder.queue.memory import MemoryQueue
+from backgrounder_redis import RedisQueue, RedisStore
 
 
 def say(*parts: object) -> None:
@@ -94,17 +97,45 @@ class Flaky:
 class SlowClaimQueue(MemoryQueue):
     """A memory queue that pauses 50 ms after each dequeue, widening the window."""
 
-    async def claim(
-        self, *, worker_id: str, lease_seconds: float, timeout_seconds: float
-    ) -> str | None:
-        job_id = await super().claim(
+    async def claim_many(
+        self,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        timeout_seconds: float,
+        limit: int,
+    ) -> list[str]:
+        ids = await super().claim_many(
             worker_id=worker_id,
             lease_seconds=lease_seconds,
             timeout_seconds=timeout_seconds,
+            limit=limit,
         )
-        if job_id is not None:
+        if ids:
             await asyncio.sleep(0.05)
-        return job_id
+        return ids
+
+
+class SlowClaimRedisQueue(RedisQueue):
+    """A Redis queue that pauses 50 ms after each dequeue, widening the window."""
+
+    async def claim_many(
+        self,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        timeout_seconds: float,
+        limit: int,
+    ) -> list[str]:
+        ids = await super().claim_many(
+            worker_id=worker_id,
+            lease_seconds=lease_seconds,
+            timeout_seconds=timeout_seconds,
+            limit=limit,
+        )
+        if ids:
+            await asyncio.sleep(0.05)
+        return ids
 
 
 class FailingQueue(MemoryQueue):
@@ -112,6 +143,25 @@ class FailingQueue(MemoryQueue):
 
     async def open(self, clock: Any) -> None:
         raise RuntimeError("queue plugin refused to start")
+
+
+def backend(
+    db: str, options: dict[str, Any], *, slow_claim: bool = False
+) -> dict[str, Any]:
+    """Return the store/queue options of JobManager for DB and ``options``.
+
+    Takes ``redis`` out of ``options``. Without it: the SQLite file DB and a
+    memory queue (slow to claim if asked).
+    """
+    redis = options.pop("redis", None)
+    if redis is None:
+        return {"db_path": db, "queue": SlowClaimQueue() if slow_claim else None}
+    url, prefix = redis["url"], redis["prefix"]
+    queue_class = SlowClaimRedisQueue if slow_claim else RedisQueue
+    return {
+        "store": RedisStore(url, prefix=prefix),
+        "queue": queue_class(url, prefix=prefix),
+    }
 
 
 def registry() -> TaskRegistry:
@@ -130,11 +180,12 @@ async def idle(manager: JobManager) -> bool:
 
 async def main(db: str, mode: str, options: dict[str, Any]) -> int:
     if mode.startswith("b29"):
-        return await b29(db, mode)
+        return await b29(db, mode, options)
     if mode == "b42":
-        return await b42(db)
-    queue = SlowClaimQueue() if options.pop("slow_claim", False) else None
-    manager = JobManager(db_path=db, registry=registry(), queue=queue, **options)
+        return await b42(backend(db, options))
+    slow_claim = options.pop("slow_claim", False)
+    where = backend(db, options, slow_claim=slow_claim)
+    manager = JobManager(registry=registry(), **where, **options)
     async with manager:
         say("ready")
         if mode == "forever":
@@ -170,28 +221,30 @@ async def b28(manager: JobManager) -> int:
     return 0
 
 
-async def b29(db: str, mode: str) -> int:
+async def b29(db: str, mode: str, options: dict[str, Any]) -> int:
     before = threading.active_count()
+    where = backend(db, options)
     if mode == "b29-run":
-        async with JobManager(db_path=db, registry=registry()) as manager:
+        async with JobManager(registry=registry(), **where) as manager:
             job = await manager.submit("noop")
             async for event in manager.events(job.id):
                 if event.job.is_terminal:
                     say("job", event.job.status)
     elif mode == "b29-startup-fail":
-        manager = JobManager(db_path=db, registry=registry(), queue=FailingQueue())
+        where["queue"] = FailingQueue()
+        manager = JobManager(registry=registry(), **where)
         try:
             await manager.start()
         except RuntimeError as exc:
             say("start failed:", exc)
     elif mode == "b29-drop":
-        manager = JobManager(db_path=db, registry=registry())
+        manager = JobManager(registry=registry(), **where)
         await manager.start()
         job = await manager.submit("noop")
         say("submitted", job.id)
         del manager
     elif mode == "b29-cancel":
-        async with JobManager(db_path=db, registry=registry(), worker_count=0) as m:
+        async with JobManager(registry=registry(), worker_count=0, **where) as m:
             calls = [
                 asyncio.ensure_future(m.submit("noop", {"i": i})) for i in range(50)
             ]
@@ -208,8 +261,8 @@ async def b29(db: str, mode: str) -> int:
     return 0
 
 
-async def b42(db: str) -> int:
-    async with JobManager(db_path=db, registry=registry()) as manager:
+async def b42(where: dict[str, Any]) -> int:
+    async with JobManager(registry=registry(), **where) as manager:
         job = await manager.submit("flaky")
         failed = await wait_terminal(manager, job.id)
         say("failed", failed.model_dump_json())

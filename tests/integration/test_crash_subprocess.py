@@ -3,6 +3,10 @@
 Each test runs ``crash_child.py`` (a JobManager in its own process) and waits on
 the lines it prints. Waits are bounded by ``asyncio.timeout``; the only real
 delays are the scenario's own (a lease of 1 s running out, B04's kill timing).
+
+Tests taking the ``backend`` fixture run twice: on the SQLite file with a memory
+queue per process, and on the real Redis server (Redis store and queue, shared
+by every process; skipped, saying so, when BACKGROUNDER_REDIS_URL is unset).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,11 +29,61 @@ import pytest
 
 from backgrounder import JobManager, JobStatus, TaskRegistry
 from backgrounder.models import Job
+from backgrounder_redis import RedisQueue, RedisStore
 from tests.conftest import wait_for
+from tests.integration.redis_tools import (
+    REDIS_URL,
+    delete_prefix,
+    needs_redis,
+    unique_prefix,
+)
 
 CHILD = Path(__file__).with_name("crash_child.py")
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"lease_seconds": 1.0, "retry_backoff_seconds": 0.05}
+
+
+@dataclass
+class Backend:
+    """Where a test's processes keep their jobs: the SQLite file ``db`` (each
+    process with its own memory queue), or Redis on ``redis["prefix"]``."""
+
+    db: Path
+    redis: dict[str, str] | None = None
+
+    def options(self) -> dict[str, Any]:
+        """JobManager options of a manager in the test process."""
+        if self.redis is None:
+            return {"db_path": self.db}
+        url, prefix = self.redis["url"], self.redis["prefix"]
+        return {
+            "store": RedisStore(url, prefix=prefix),
+            "queue": RedisQueue(url, prefix=prefix),
+        }
+
+    def child(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A child's options, naming the Redis prefix when there is one."""
+        options = dict(options or {})
+        if self.redis is not None:
+            options["redis"] = self.redis
+        return options
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("redis", marks=[needs_redis, pytest.mark.redis])]
+)
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Backend]:
+    """The SQLite file, or the real Redis server on a fresh key prefix."""
+    db = tmp_path / "jobs.db"
+    if request.param == "sqlite":
+        yield Backend(db)
+        return
+    assert REDIS_URL
+    prefix = unique_prefix()
+    yield Backend(db, {"url": REDIS_URL, "prefix": prefix})
+    await delete_prefix(REDIS_URL, prefix)
 
 
 class Child:
@@ -98,13 +154,14 @@ class Child:
 
 
 async def submit(
-    db: Path, *jobs: tuple[str, dict[str, Any], dict[str, Any]]
+    where: Path | Backend, *jobs: tuple[str, dict[str, Any], dict[str, Any]]
 ) -> list[Job]:
     """Store jobs through a manager with no workers, then close it."""
+    where = where if isinstance(where, Backend) else Backend(where)
     registry = TaskRegistry()
     for task in ("work", "chatty", "flaky", "noop"):
         registry.add(task, _Never())
-    async with JobManager(db_path=db, registry=registry, worker_count=0) as api:
+    async with JobManager(registry=registry, worker_count=0, **where.options()) as api:
         return [await api.submit(t, params, **opts) for t, params, opts in jobs]
 
 
@@ -113,9 +170,10 @@ class _Never:
         raise AssertionError("the submitting manager runs nothing")
 
 
-async def read_jobs(db: Path) -> dict[str, Job]:
+async def read_jobs(where: Path | Backend) -> dict[str, Job]:
     """Read every job through a manager with no workers (it may recover leases)."""
-    async with JobManager(db_path=db, worker_count=0) as reader:
+    where = where if isinstance(where, Backend) else Backend(where)
+    async with JobManager(worker_count=0, **where.options()) as reader:
         page = await reader.list(limit=1000)
         return {job.id: job for job in page.items}
 
@@ -129,12 +187,13 @@ def raw_lease(db: Path, job_id: str) -> float:
 
 
 async def run_until_idle(
-    db: Path, options: dict[str, Any], restarts: int
+    where: Path | Backend, options: dict[str, Any], restarts: int
 ) -> list[Child]:
     """Run ``until-idle`` children, restarting after each crash; return them all."""
+    where = where if isinstance(where, Backend) else Backend(where)
     children = []
     for _ in range(restarts):
-        child = await Child.start(db, "until-idle", options)
+        child = await Child.start(where.db, "until-idle", where.child(options))
         code, err = await child.finish()
         children.append(child)
         if code == 0:
@@ -183,20 +242,19 @@ async def test_sigkill_mid_job_loses_nothing(tmp_path: Path) -> None:
 
 
 async def test_b02_recovery_of_a_killed_job_follows_its_retry_policy(
-    tmp_path: Path,
+    backend: Backend,
 ) -> None:
     """max_retries 2: done on attempt 2; max_retries 0: failed worker_lost, run once."""
-    db = tmp_path / "jobs.db"
     retry, once = await submit(
-        db,
+        backend,
         ("work", {"exit_on": [1]}, {"max_retries": 2, "priority": 90}),
         ("work", {"exit_on": [1]}, {"max_retries": 0, "priority": 10}),
     )
 
-    children = await run_until_idle(db, {**FAST, "worker_count": 1}, restarts=6)
+    children = await run_until_idle(backend, {**FAST, "worker_count": 1}, restarts=6)
 
     starts = [s for child in children for s in child.starts()]
-    jobs = await read_jobs(db)
+    jobs = await read_jobs(backend)
     assert jobs[retry.id].status == JobStatus.done
     assert jobs[retry.id].attempt == 2
     assert jobs[retry.id].assets is not None
@@ -207,7 +265,7 @@ async def test_b02_recovery_of_a_killed_job_follows_its_retry_policy(
     assert (failed.error.code, failed.error.type) == ("worker_lost", "WorkerLost")
     assert "stopped renewing its lease" in failed.error.message
     assert starts.count((once.id, 1)) == 1 and (once.id, 2) not in starts
-    async with JobManager(db_path=db, worker_count=0) as reader:
+    async with JobManager(worker_count=0, **backend.options()) as reader:
         assert [j.id for j in (await reader.list(status="done")).items] == [retry.id]
         assert [j.id for j in (await reader.list(status="failed")).items] == [once.id]
 
@@ -216,23 +274,22 @@ async def test_b02_recovery_of_a_killed_job_follows_its_retry_policy(
 
 
 async def test_b22_a_job_that_kills_its_worker_stops_after_max_retries(
-    tmp_path: Path,
+    backend: Backend,
 ) -> None:
     """Crashing every time with max_retries 2: failed after exactly 3 attempts."""
-    db = tmp_path / "jobs.db"
     poison, *fine = await submit(
-        db,
+        backend,
         ("work", {"exit_on": list(range(1, 20))}, {"max_retries": 2, "priority": 90}),
         ("work", {"n": 1}, {}),
         ("work", {"n": 2}, {}),
     )
 
-    children = await run_until_idle(db, {**FAST, "worker_count": 1}, restarts=8)
-    again = await run_until_idle(db, {**FAST, "worker_count": 1}, restarts=1)
+    children = await run_until_idle(backend, {**FAST, "worker_count": 1}, restarts=8)
+    again = await run_until_idle(backend, {**FAST, "worker_count": 1}, restarts=1)
 
     starts = [s for child in [*children, *again] for s in child.starts()]
     assert [a for job_id, a in starts if job_id == poison.id] == [1, 2, 3]
-    jobs = await read_jobs(db)
+    jobs = await read_jobs(backend)
     final = jobs[poison.id]
     assert (final.status, final.attempt, final.retries) == ("failed", 3, 2)
     assert [e.code for e in final.errors] == ["worker_lost"] * 3
@@ -242,25 +299,25 @@ async def test_b22_a_job_that_kills_its_worker_stops_after_max_retries(
 # ------------------------------------------------------------ B04
 
 
-async def _b04(tmp_path: Path, rounds: int, slow_claim: bool) -> None:
-    db = tmp_path / "jobs.db"
+async def _b04(backend: Backend, tmp_path: Path, rounds: int, slow_claim: bool) -> None:
     results = tmp_path / "results.db"
     rng = random.Random(4)
     submitted: list[str] = []
-    options = {**FAST, "worker_count": 1, "slow_claim": slow_claim}
+    options = backend.child({**FAST, "worker_count": 1, "slow_claim": slow_claim})
     for _ in range(rounds):
         (job,) = await submit(
-            db, ("work", {"results": str(results), "sleep": 0.02}, {"max_retries": 50})
+            backend,
+            ("work", {"results": str(results), "sleep": 0.02}, {"max_retries": 50}),
         )
         submitted.append(job.id)
-        child = await Child.start(db, "forever", options)
+        child = await Child.start(backend.db, "forever", options)
         await child.line("ready")
         await asyncio.sleep(rng.uniform(0, 0.1))  # the kill lands at a random point
         await child.kill()
 
-    await run_until_idle(db, {**FAST, "worker_count": 2}, restarts=1)
+    await run_until_idle(backend, {**FAST, "worker_count": 2}, restarts=1)
 
-    jobs = await read_jobs(db)
+    jobs = await read_jobs(backend)
     assert sorted(jobs) == sorted(submitted)  # one record per submission
     assert {j.status for j in jobs.values()} == {JobStatus.done}
     with sqlite3.connect(results) as conn:
@@ -270,18 +327,18 @@ async def _b04(tmp_path: Path, rounds: int, slow_claim: bool) -> None:
 
 @pytest.mark.parametrize("slow_claim", [False, True])
 async def test_b04_kill_between_dequeue_and_running_orphans_nothing(
-    tmp_path: Path, slow_claim: bool
+    backend: Backend, tmp_path: Path, slow_claim: bool
 ) -> None:
     """Workers SIGKILLed at random points: every job ends done exactly once."""
-    await _b04(tmp_path, rounds=6, slow_claim=slow_claim)
+    await _b04(backend, tmp_path, rounds=6, slow_claim=slow_claim)
 
 
 @pytest.mark.slow
 async def test_b04_kill_between_dequeue_and_running_orphans_nothing_long(
-    tmp_path: Path,
+    backend: Backend, tmp_path: Path
 ) -> None:
     """The 100-round variant, with the widened dequeue window."""
-    await _b04(tmp_path, rounds=100, slow_claim=True)
+    await _b04(backend, tmp_path, rounds=100, slow_claim=True)
 
 
 # ------------------------------------------------------------ B28
@@ -357,10 +414,14 @@ async def test_b28_two_processes_tight_progress_no_database_locked_long(
     "mode", ["b29-run", "b29-startup-fail", "b29-cancel", "b29-drop"]
 )
 async def test_b29_process_exits_cleanly_in_every_variant(
-    tmp_path: Path, mode: str
+    backend: Backend, mode: str
 ) -> None:
-    """Run, start-up failure, canceled store calls, dropped manager: exit code 0."""
-    child = await Child.start(tmp_path / "jobs.db", mode)
+    """Run, start-up failure, canceled store calls, dropped manager: exit code 0.
+
+    On Redis the point is the same: no connection or task of the store or queue
+    keeps the process from exiting.
+    """
+    child = await Child.start(backend.db, mode, backend.child())
 
     code, err = await child.finish(timeout=30)  # a hang shows up as a timeout
 
@@ -380,11 +441,11 @@ async def test_b29_process_exits_cleanly_in_every_variant(
 
 @pytest.mark.parametrize("tz", ["Asia/Kolkata", "America/Los_Angeles"])
 async def test_b42_timestamps_are_utc_whatever_the_host_time_zone(
-    tmp_path: Path, tz: str
+    backend: Backend, tz: str
 ) -> None:
     """Aware UTC timestamps, created_at near real now, kept across a retry."""
     before = time.time()
-    child = await Child.start(tmp_path / "jobs.db", "b42", env={"TZ": tz})
+    child = await Child.start(backend.db, "b42", backend.child(), env={"TZ": tz})
     code, err = await child.finish()
     assert code == 0, err[-2000:]
     failed_line = next(line for line in child.lines if line.startswith("failed "))
