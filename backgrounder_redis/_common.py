@@ -1,11 +1,13 @@
-"""What RedisQueue and RedisStore share: URL parsing, the client, error translation."""
+"""What RedisQueue and RedisStore share: URL parsing, the client, error translation,
+and the pipelining of commands that many tasks make at once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -156,23 +158,31 @@ async def translate_errors(
     """
     try:
         yield
-    except rexc.RedisError as exc:
-        where = mask_url(url)
+    except (rexc.RedisError, OSError) as exc:
         if is_read_only(exc):
             await _disconnect(client)
-            raise error_type(
-                f"Redis {what} at {where} is read-only (a replica after a failover?): "
-                f"{exc}; the connection will be made again"
-            ) from exc
-        if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError):
-            raise error_type(
-                f"Redis {what} at {where} is unreachable: {exc}; retrying later"
-            ) from exc
-        raise error_type(f"Redis {what} at {where} failed: {exc}") from exc
-    except OSError as exc:
-        raise error_type(
-            f"Redis {what} at {mask_url(url)} is unreachable: {exc}; retrying later"
-        ) from exc
+        raise translated(exc, error_type, what, url) from exc
+
+
+def translated(
+    exc: BaseException, error_type: type[BackendError], what: str, url: str
+) -> BackendError:
+    """Return the ``error_type`` that ``exc`` (a redis-py error or OSError) becomes.
+
+    The same messages as ``translate_errors``; the caller drops the pooled
+    connections itself when ``is_read_only(exc)``.
+    """
+    where = mask_url(url)
+    if is_read_only(exc):
+        return error_type(
+            f"Redis {what} at {where} is read-only (a replica after a failover?): "
+            f"{exc}; the connection will be made again"
+        )
+    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | OSError):
+        return error_type(
+            f"Redis {what} at {where} is unreachable: {exc}; retrying later"
+        )
+    return error_type(f"Redis {what} at {where} failed: {exc}")
 
 
 async def _disconnect(client: aioredis.Redis) -> None:
@@ -183,11 +193,24 @@ async def _disconnect(client: aioredis.Redis) -> None:
         logger.debug("dropping Redis connections failed", exc_info=True)
 
 
+#: A command waiting for its turn, and the future its caller awaits.
+_Pending = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
+
+
 class RedisBackend:
     """What RedisQueue and RedisStore share: the URL, prefix, client and scripts.
 
     A subclass names its kind ("queue", "store"), the error it raises, and the
     Lua scripts ``open()`` registers.
+
+    Commands (``_call``, ``_script``, ``_call_many``) are pipelined: the first
+    goes out at once on a connection this backend keeps, and every command made
+    while a round trip is in flight waits and then goes out with the others in
+    one write. Replies are matched to callers in order; an error reply raises
+    only for the command that caused it. Scripts are sent as EVALSHA; one the
+    server no longer knows (a restart, SCRIPT FLUSH) is sent again as EVAL,
+    which also loads it. Blocking commands and pub/sub use connections of their
+    own from the pool.
     """
 
     kind = "backend"
@@ -217,7 +240,15 @@ class RedisBackend:
         self._client = client
         self._own_client = client is None
         self._clock: Clock = SystemClock()
-        self._scripts: dict[str, Any] = {}
+        #: Script name -> SHA1 of its body, and SHA1 -> body (for NOSCRIPT).
+        self._shas: dict[str, str] = {
+            name: hashlib.sha1(body.encode()).hexdigest()
+            for name, body in self.script_bodies.items()
+        }
+        self._bodies = {sha: self.script_bodies[n] for n, sha in self._shas.items()}
+        self._pending: list[_Pending] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._conn: Any = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({mask_url(self.url)!r}, prefix={self.prefix!r})"
@@ -237,15 +268,168 @@ class RedisBackend:
         )
 
     async def _connect(self, clock: Clock) -> None:
-        """Make the client (unless one was passed) and register the scripts."""
+        """Make the client (unless one was passed); scripts load on first use."""
         self._clock = clock
         if self._client is None:
             self._client = make_client(self.url, self.settings)
-        for name, body in self.script_bodies.items():
-            self._scripts[name] = self.client.register_script(body)
+        self._pending = []
+        self._sender = None
+        self._conn = None
 
     async def close(self) -> None:
         """Close the connection pool (a client passed in is left open)."""
+        sender, self._sender = self._sender, None
+        if sender is not None and not sender.done():
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        self._fail(self._pending, 0, rexc.ConnectionError("the backend was closed"))
+        self._pending = []
         client, self._client = self._client, None
+        conn, self._conn = self._conn, None
+        if conn is not None and client is not None:
+            try:
+                await client.connection_pool.release(conn)
+            except Exception:  # pragma: no cover - best effort
+                logger.debug("returning the pipeline connection failed", exc_info=True)
         if client is not None and self._own_client:
             await close_client(client, self.settings.socket_timeout)
+
+    # ------------------------------------------------------------ pipelining
+
+    def _enqueue(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue one command for the next write; return the future of its reply."""
+        if self._client is None:
+            raise self.error_type(
+                f"{self.kind} {self!r} is not open; call open() first"
+            )
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((args, future))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_all())
+        return future
+
+    async def _failure(self, exc: BaseException, what: str) -> BackendError:
+        if is_read_only(exc) and self._client is not None:
+            await _disconnect(self._client)
+        return translated(exc, self.error_type, f"{self.kind} ({what})", self.url)
+
+    async def _call(self, what: str, *args: Any) -> Any:
+        """Run one command in the next pipelined write and return its raw reply."""
+        future = self._enqueue(args)
+        try:
+            return await future
+        except (rexc.RedisError, OSError) as exc:
+            raise await self._failure(exc, what) from exc
+
+    def _script_args(
+        self, name: str, keys: Sequence[str], args: Sequence[Any]
+    ) -> tuple[Any, ...]:
+        return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run the script ``name`` in the next pipelined write."""
+        return await self._call(name, *self._script_args(name, keys, args))
+
+    async def _call_many(
+        self, what: str, commands: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Run ``commands`` in one write (or in the next, with others).
+
+        Raises:
+            The backend's error for the first command that failed, once every
+            reply is in (the others have run).
+        """
+        futures = [self._enqueue(args) for args in commands]
+        replies: list[Any] = []
+        first: BaseException | None = None
+        try:
+            for future in futures:
+                try:
+                    replies.append(await future)
+                except (rexc.RedisError, OSError) as exc:
+                    replies.append(None)
+                    if first is None:
+                        first = exc
+        except BaseException:
+            # A cancelled caller: the sender still reads (and drops) every reply
+            # in order, so the connection stays in step; nobody waits on these.
+            for future in futures:
+                future.cancel()
+            raise
+        if first is not None:
+            raise await self._failure(first, what) from first
+        return replies
+
+    async def _send_all(self) -> None:
+        """Write what is pending, read the replies, repeat until nothing waits."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._send(batch)
+        except BaseException as exc:
+            # Cancelled by close() (or a bug): no caller may wait for ever.
+            batch, self._pending = self._pending, []
+            self._fail(batch, 0, rexc.ConnectionError(f"not sent: {exc!r}"))
+            raise
+        finally:
+            self._sender = None
+
+    @staticmethod
+    def _fail(batch: list[_Pending], start: int, exc: BaseException) -> None:
+        for _, future in batch[start:]:
+            if not future.done():
+                future.set_exception(exc)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        """One round trip for ``batch``; a stale connection is retried once."""
+        for attempt in (1, 2):
+            read = 0
+            try:
+                conn = self._conn
+                if conn is None:
+                    pool: Any = self.client.connection_pool
+                    conn = await pool.get_connection()
+                    self._conn = conn
+                await conn.send_packed_command(
+                    conn.pack_commands([args for args, _ in batch])
+                )
+                for args, future in batch:
+                    try:
+                        reply = await conn.read_response()
+                    except rexc.ResponseError as exc:
+                        reply = exc
+                    read += 1
+                    if future.done():
+                        continue
+                    if isinstance(reply, rexc.NoScriptError) and args[0] == "EVALSHA":
+                        # The server lost its scripts: EVAL runs and loads it.
+                        body = self._bodies[args[1]]
+                        self._pending.append((("EVAL", body, *args[2:]), future))
+                    elif isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+                return
+            except (rexc.RedisError, OSError) as exc:
+                # redis-py has dropped the socket; it connects again on next use.
+                await self._drop_connection()
+                if attempt == 1 and read == 0 and isinstance(exc, rexc.ConnectionError):
+                    # Most likely a connection the server closed while idle:
+                    # nothing was read, so send the whole batch once more.
+                    continue
+                self._fail(batch, read, exc)
+                return
+            except BaseException:
+                await self._drop_connection()
+                raise
+
+    async def _drop_connection(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            await conn.disconnect(nowait=True)
+        except Exception:  # pragma: no cover - best effort
+            logger.debug("dropping the pipeline connection failed", exc_info=True)

@@ -160,8 +160,7 @@ class RedisQueue(RedisBackend, JobQueue):
             await self.client.ping()
 
     async def _run(self, name: str, *args: Any) -> Any:
-        async with self._errors(name):
-            return await self._scripts[name](keys=self.keys, args=list(args))
+        return await self._script(name, self.keys, args)
 
     async def push(
         self, job_id: str, *, priority: int, delay_seconds: float = 0.0
@@ -217,22 +216,18 @@ class RedisQueue(RedisBackend, JobQueue):
 
     async def size(self) -> int:
         """Return how many ids wait (ready and delayed)."""
-        async with self._errors("size"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.zcard(self.keys[0])
-                pipe.zcard(self.keys[1])
-                ready, delayed = await pipe.execute()
+        ready, delayed = await self._call_many(
+            "size", [("ZCARD", self.keys[0]), ("ZCARD", self.keys[1])]
+        )
         return int(ready) + int(delayed)
 
     async def in_flight(self) -> int:
         """Return how many ids are claimed and not yet acked."""
-        async with self._errors("size"):
-            return int(await self.client.zcard(self.keys[2]))
+        return int(await self._call("size", "ZCARD", self.keys[2]))
 
     async def publish_cancel(self, job_id: str) -> None:
         """Publish a cancel to every worker process listening."""
-        async with self._errors("publish"):
-            await self.client.publish(self.channel, job_id)
+        await self._call("publish", "PUBLISH", self.channel, job_id)
 
     def cancellations(self) -> AsyncIterator[str]:
         """Return an iterator of published cancels that resubscribes on its own."""

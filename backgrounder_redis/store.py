@@ -221,24 +221,20 @@ class RedisStore(RedisBackend, JobStore):
             value = encode_field(name, getattr(job, name))
             if value is not None:
                 args += [name, _text(value)]
-        async with self._errors("create"):
-            created, flat = await self._scripts["create"](keys=[], args=args)
+        created, flat = await self._script("create", (), args)
         return _decode(flat), bool(created)
 
     async def get(self, job_id: str) -> Job | None:
         """Return the job, or None."""
-        async with self._errors("get"):
-            flat = await self.client.hgetall(self._key(job_id))
+        flat = await self._call("get", "HGETALL", self._key(job_id))
         return _decode(flat) if flat else None
 
     async def _get_many(self, ids: builtins.list[str]) -> builtins.list[Job]:
         if not ids:
             return []
-        async with self._errors("get"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hgetall(self._key(job_id))
-                rows = await pipe.execute()
+        rows = await self._call_many(
+            "get", [("HGETALL", self._key(job_id)) for job_id in ids]
+        )
         return [_decode(row) for row in rows if row]
 
     async def list(
@@ -328,8 +324,7 @@ class RedisStore(RedisBackend, JobStore):
                 args += ["d", name, ""]
             else:
                 args += ["s", name, _text(encoded)]
-        async with self._errors("update"):
-            flat = await self._scripts["update"](keys=[], args=args)
+        flat = await self._script("update", (), args)
         return _decode(flat) if flat else None
 
     async def find_expired(
@@ -370,9 +365,7 @@ class RedisStore(RedisBackend, JobStore):
     async def count_by_status(self) -> dict[JobStatus, int]:
         """Return counts per status (every status present, zero included)."""
         statuses = list(JobStatus)
-        async with self._errors("count"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for s in statuses:
-                    pipe.zcard(f"{self.prefix}:status:{s}")
-                counts = await pipe.execute()
+        counts = await self._call_many(
+            "count", [("ZCARD", f"{self.prefix}:status:{s}") for s in statuses]
+        )
         return {s: int(c) for s, c in zip(statuses, counts, strict=True)}
