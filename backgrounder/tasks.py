@@ -92,18 +92,26 @@ class RunContext:
         self.job = job
         self.clock: Clock = clock or SystemClock()
         self.gpus: list[int] = list(gpus)
-        self.logger = logging.LoggerAdapter(
-            logging.getLogger("backgrounder.task"),
-            {"job_id": job.id, "attempt": job.attempt, "task": job.task},
-        )
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         self._progress_sink = progress_sink
         self._assets_sink = assets_sink
         self._progress = job.progress
-        self._assets = job.assets or Assets()
+        self._assets: Assets | None = job.assets
         self._canceled = False
-        self._cancel_event = asyncio.Event()
+        self._cancel_event: asyncio.Event | None = None
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry the job id, attempt and task."""
+        if self._logger is None:
+            job = self.job
+            self._logger = logging.LoggerAdapter(
+                logging.getLogger("backgrounder.task"),
+                {"job_id": job.id, "attempt": job.attempt, "task": job.task},
+            )
+        return self._logger
 
     @property
     def attempt(self) -> int:
@@ -123,12 +131,15 @@ class RunContext:
     @property
     def assets(self) -> Assets:
         """The outputs attached so far."""
+        if self._assets is None:
+            self._assets = Assets()
         return self._assets
 
     def request_cancel(self) -> None:
         """Mark the job canceled (called by the worker, from the event loop)."""
         self._canceled = True
-        self._cancel_event.set()
+        if self._cancel_event is not None:
+            self._cancel_event.set()
 
     def progress_nowait(
         self,
@@ -235,7 +246,7 @@ class RunContext:
         """Sleep on the job's clock; a cancel request wakes it with JobCanceled."""
         self.check_canceled_nowait()
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        waiter = asyncio.ensure_future(self._cancel_event.wait())
+        waiter = asyncio.ensure_future(self._cancel_signal().wait())
         try:
             await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -243,13 +254,21 @@ class RunContext:
             waiter.cancel()
         self.check_canceled_nowait()
 
+    def _cancel_signal(self) -> asyncio.Event:
+        """The event set on cancel, made on first use (most jobs never wait)."""
+        if self._cancel_event is None:
+            self._cancel_event = asyncio.Event()
+            if self._canceled:
+                self._cancel_event.set()
+        return self._cancel_event
+
     async def attach_assets(self, assets: Assets | None = None, **groups: Any) -> None:
         """Save outputs as they appear; later calls add to (and override) earlier.
 
         ``await ctx.attach_assets(custom={"chunk-1": {"href": path}})`` or pass an
         ``Assets``. Values must be JSON.
         """
-        merged = self._assets.model_dump()
+        merged = self.assets.model_dump()
         extra = assets.model_dump() if assets is not None else {}
         for name, group in {**extra, **groups}.items():
             if isinstance(group, dict) and isinstance(merged.get(name), dict):

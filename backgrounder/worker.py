@@ -11,12 +11,13 @@ import threading
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from backgrounder._json import check_json
 from backgrounder._logging import job_log_extra
+from backgrounder.clock import SystemClock
 from backgrounder.errors import (
     BackendError,
     InvalidParamsError,
@@ -32,7 +33,7 @@ from backgrounder.models import (
     Progress,
 )
 from backgrounder.resources import Reservation
-from backgrounder.store.base import APPEND_ERROR
+from backgrounder.store.base import APPEND_ERROR, Update
 from backgrounder.tasks import RunContext, TaskSpec
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 
 _CLAIM_LEASE_SECONDS = 5.0
+_QUEUED = frozenset({JobStatus.queued})
+_RUNNING = frozenset({JobStatus.running})
 
 
 def default_worker_id() -> str:
@@ -60,23 +63,52 @@ class _Outcome:
     error: ErrorInfo | None = None
 
 
+def _raise_flag(execution: _Execution, flag: str) -> None:
+    setattr(execution, flag, True)
+    execution.poke()
+
+
 @dataclass
 class _Execution:
-    """One running attempt and the signals that can end it."""
+    """One running attempt and the signals that can end it.
+
+    Signals (cancel, stop, timeout, end of the cancel grace) set a flag and
+    resolve ``wake``, the one future the attempt's task waits on; the runner's
+    task resolves it too when it ends.
+    """
 
     job: Job
     spec: TaskSpec
     ctx: RunContext
     reservation: Reservation | None
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel: bool = False
+    stop: bool = False
     stop_reason: str = ""
+    timed_out: bool = False
+    grace_over: bool = False
+    wake: asyncio.Future[None] | None = None
     pending_progress: Progress | None = None
     flush_task: asyncio.Task[None] | None = None
     last_flush: float = -1e18
     thread_done: asyncio.Event | None = None
     run: asyncio.Future[Any] | None = None
     started_mono: float = 0.0
+
+    def poke(self, _: object = None) -> None:
+        """Wake the attempt's task to look at its flags."""
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def request_cancel(self) -> None:
+        self.cancel = True
+        self.poke()
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop:
+            self.stop = True
+            self.stop_reason = reason
+        self.poke()
 
 
 class _JobFailed(Exception):
@@ -86,12 +118,14 @@ class _JobFailed(Exception):
 class Worker:
     """Runs up to ``concurrency`` jobs at once in this process.
 
-    The claim loop takes a slot, then claims; a claimed job is made ``running``
-    in the store with a lease (compare-and-set on ``queued``), and only then is
-    the queue's claim acked. Each attempt runs as its own task beside a heartbeat
-    that renews the lease every ``heartbeat`` seconds and learns of cancel
-    requests. Every ending is written compare-and-set on (running, attempt,
-    worker), so an attempt whose lease was taken over changes nothing.
+    The claim loop takes every free slot, then claims up to that many ids in one
+    call; the claimed jobs are read in one call and made ``running`` with a
+    lease in one call (a compare-and-set on ``queued`` each), launched, and only
+    then are the queue's claims acked. One heartbeat renews the leases of every
+    attempt running here every ``heartbeat`` seconds, in one call, and learns of
+    cancel requests and of leases taken over. Every ending is written
+    compare-and-set on (running, attempt, worker), so an attempt whose lease was
+    taken over changes nothing.
     """
 
     def __init__(
@@ -112,7 +146,9 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self.running: dict[str, _Execution] = {}
         self.zombies = 0
-        self._slots = asyncio.Semaphore(self.concurrency)
+        self._free = self.concurrency
+        self._slot_freed = asyncio.Event()
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._abandoned = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -134,6 +170,9 @@ class Worker:
         )
         self._waker = asyncio.create_task(
             self._wake_waiting(), name=f"backgrounder-waker-{self.worker_id}"
+        )
+        self._heartbeat_task = asyncio.create_task(
+            self._heartbeat_loop(), name=f"backgrounder-heartbeat-{self.worker_id}"
         )
         cancellations = self.manager.queue.cancellations()
         if cancellations is not None:
@@ -174,10 +213,12 @@ class Worker:
             )
             await self._wait_idle(self.settings.shutdown_grace_seconds)
         for execution in list(self.running.values()):
-            execution.stop_reason = "shutdown"
-            execution.stop.set()
+            execution.request_stop("shutdown")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
         logger.info(
             "worker %s stopped",
             self.worker_id,
@@ -255,7 +296,13 @@ class Worker:
         self._stopping = True
         self._abandoned = True
         runs = [e.run for e in self.running.values() if e.run is not None]
-        tasks = [self._loop_task, self._cancel_listener, self._waker, *self._tasks]
+        tasks = [
+            self._loop_task,
+            self._cancel_listener,
+            self._waker,
+            self._heartbeat_task,
+            *self._tasks,
+        ]
         for task in [*tasks, *runs]:
             if task is not None:
                 task.cancel()
@@ -323,23 +370,30 @@ class Worker:
                 delay = min(delay * 2, 10.0)
 
     async def _claim_loop(self) -> None:
-        """Run several claimers, so one slow store round trip does not idle the rest.
+        """Run two claimers, so one slow store round trip does not idle the rest.
 
-        They share the slot semaphore: a claimer takes a slot before it claims, so
-        no more jobs are claimed than there are free slots.
+        They share the free slots: a claimer takes every free slot before it
+        claims, so no more jobs are claimed than there are free slots.
         """
-        claimers = min(self.concurrency, 8)
+        claimers = min(self.concurrency, 2)
         async with asyncio.TaskGroup() as group:
             for index in range(claimers):
                 group.create_task(self._claimer(), name=f"claimer-{index}")
 
+    def _release_slot(self) -> None:
+        self._free += 1
+        self._slot_freed.set()
+
     async def _claimer(self) -> None:
         backoff = 0.1
         while not self._stopping:
-            await self._slots.acquire()
-            started = False
+            while self._free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            taken, self._free = self._free, 0
+            started = 0
             try:
-                started = await self._claim_one()
+                started = await self._claim_batch(taken)
                 backoff = 0.1
             except BackendError as exc:
                 logger.warning(
@@ -352,79 +406,108 @@ class Worker:
                 await self.clock.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                if not started:
-                    self._slots.release()
+                for _ in range(taken - started):
+                    self._release_slot()
             self._loop_error = None
 
-    async def _claim_one(self) -> bool:
-        """Claim, admit and start one job; return True if a job now holds the slot.
+    async def _claim_batch(self, limit: int) -> int:
+        """Claim, admit and start up to ``limit`` jobs; return how many now run.
 
-        Admission comes before the job is marked running: the claimed job is
-        read, its resources are reserved, and only then is it moved from queued
-        to running (compare-and-set). A job that does not fit is handed back to
-        the queue untouched in the store (still ``queued``, no attempt charged),
-        so the worker never holds a claimed job while it waits.
+        Admission comes before a job is marked running: the claimed jobs are
+        read, each one's resources are reserved, and only then are they moved
+        from queued to running (compare-and-set each, in one store call). A job
+        that does not fit is handed back to the queue untouched in the store
+        (still ``queued``, no attempt charged), so the worker never holds a
+        claimed job while it waits. Started jobs are launched before the claims
+        are acked: a claim that is never acked returns to the queue, where the
+        next claim finds the job no longer queued and drops it.
         """
         manager = self.manager
-        job_id = await manager.queue.claim(
+        ids = await manager.queue.claim_many(
             worker_id=self.worker_id,
             # The claim's own lease only covers the step from the queue to the
             # store; kept short, an id stranded by an outage in between returns
             # to the queue within seconds instead of a whole job lease.
             lease_seconds=min(self.settings.lease_seconds, _CLAIM_LEASE_SECONDS),
             timeout_seconds=self.settings.poll_seconds,
+            limit=limit,
         )
-        if job_id is None:
-            return False
-        job = await manager.store.get(job_id)
-        if job is None or job.status != JobStatus.queued:
-            await manager.queue.ack(job_id)
-            manager.resources.forget(job_id)
-            logger.debug("job %s claimed but no longer queued; dropped", job_id)
-            return False
-        spec = manager.registry.get(job.task)
-        if spec is None:
-            running = await self._mark_running(job)
-            await manager.queue.ack(job_id)
-            if running is not None:
-                await self._fail_unknown_task(running)
-            return False
-        reservation = manager.resources.try_reserve(
-            job.id, job.resources, priority=job.priority
-        )
-        if reservation is None:
-            await self._defer(job)
-            return False
+        if not ids:
+            return 0
+        jobs = await manager.store.get_many(ids)
+        admitted: list[tuple[Job, TaskSpec | None, Reservation | None]] = []
+        deferred: list[Job] = []
+        drop: list[str] = []
+        for job_id, job in zip(ids, jobs, strict=True):
+            if job is None or job.status != JobStatus.queued:
+                drop.append(job_id)
+                manager.resources.forget(job_id)
+                logger.debug("job %s claimed but no longer queued; dropped", job_id)
+                continue
+            spec = manager.registry.get(job.task)
+            if spec is None:
+                admitted.append((job, None, None))
+                continue
+            reservation = manager.resources.try_reserve(
+                job.id, job.resources, priority=job.priority
+            )
+            if reservation is None:
+                deferred.append(job)
+                continue
+            admitted.append((job, spec, reservation))
+        started = 0
+        unknown: list[Job] = []
         try:
-            running = await self._mark_running(job)
-            await manager.queue.ack(job_id)
-        except BaseException:
-            manager.resources.release(reservation)
-            raise
-        if running is None:
-            manager.resources.release(reservation)
-            await manager.queue.ack(job_id)
-            logger.debug("job %s changed before it started; dropped", job_id)
-            return False
-        self._launch(running, spec, reservation)
-        return True
+            if admitted:
+                results = await self._mark_running([job for job, _, _ in admitted])
+                for (job, spec, reservation), running in zip(
+                    admitted, results, strict=True
+                ):
+                    if running is None:
+                        manager.resources.release(reservation)
+                        logger.debug(
+                            "job %s changed before it started; dropped", job.id
+                        )
+                    elif spec is None or reservation is None:
+                        unknown.append(running)
+                    else:
+                        self._launch(running, spec, reservation)
+                        started += 1
+                admitted = []
+        finally:
+            # Reservations of jobs that never reached the store are given back.
+            for _, _, reservation in admitted:
+                manager.resources.release(reservation)
+        waiting = {job.id for job in deferred}
+        acks = [job_id for job_id in ids if job_id not in waiting]
+        await manager.queue.ack_many(acks)
+        for job in unknown:
+            await self._fail_unknown_task(job)
+        for job in deferred:
+            await self._defer(job)
+        return started
 
-    async def _mark_running(self, job: Job) -> Job | None:
-        """Move a queued job to running with this worker's lease, or return None."""
+    async def _mark_running(self, jobs: list[Job]) -> list[Job | None]:
+        """Move queued jobs to running with this worker's lease, in one call."""
         now = self.clock.now()
-        return await self.manager.store.update(
-            job.id,
-            {
-                "status": JobStatus.running,
-                "worker_id": self.worker_id,
-                "started_at": now,
-                "finished_at": None,
-                "run_after": None,
-                "lease_expires_at": now
-                + timedelta(seconds=self.settings.lease_seconds),
-            },
-            expect_status={JobStatus.queued},
-            expect_attempt=job.attempt,
+        fields = {
+            "status": JobStatus.running,
+            "worker_id": self.worker_id,
+            "started_at": now,
+            "finished_at": None,
+            "run_after": None,
+            "lease_expires_at": now + timedelta(seconds=self.settings.lease_seconds),
+        }
+        return await self.manager.store.update_many(
+            [
+                Update(
+                    job.id,
+                    fields,
+                    expect_status=_QUEUED,
+                    expect_attempt=job.attempt,
+                )
+                for job in jobs
+            ]
         )
 
     async def _defer(self, job: Job) -> None:
@@ -534,7 +617,7 @@ class Worker:
         execution = self.running.get(job_id)
         if execution is None:
             return False
-        execution.cancel.set()
+        execution.request_cancel()
         return True
 
     async def _listen_cancels(self, cancellations: Any) -> None:
@@ -552,13 +635,16 @@ class Worker:
         job = execution.job
         hold_slot_for_thread = False
         try:
-            logger.info(
-                "job %s started: task %s, attempt %d",
-                job.id,
-                job.task,
-                job.attempt,
-                extra=job_log_extra(job, event="job.started", worker_id=self.worker_id),
-            )
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "job %s started: task %s, attempt %d",
+                    job.id,
+                    job.task,
+                    job.attempt,
+                    extra=job_log_extra(
+                        job, event="job.started", worker_id=self.worker_id
+                    ),
+                )
             await self.manager.emit("status", job)
             outcome = await self._run_attempt(execution)
             await self._record(execution, outcome)
@@ -584,7 +670,7 @@ class Worker:
                 self._hold_until_thread_ends(execution)
             else:
                 self.manager.resources.release(execution.reservation)
-                self._slots.release()
+                self._release_slot()
 
     def _hold_until_thread_ends(self, execution: _Execution) -> None:
         """Keep the slot and reservation of a sync runner until its thread returns."""
@@ -606,7 +692,7 @@ class Worker:
             finally:
                 self.zombies -= 1
                 self.manager.resources.release(execution.reservation)
-                self._slots.release()
+                self._release_slot()
 
         task = asyncio.create_task(wait())
         self._tasks.add(task)
@@ -620,34 +706,38 @@ class Worker:
         cancel_grace_seconds to stop on its own before it is canceled by force.
         """
         job = execution.job
+        loop = asyncio.get_running_loop()
+        execution.wake = loop.create_future()
         run = asyncio.ensure_future(self._call_runner(execution))
         execution.run = run
-        heartbeat = asyncio.create_task(self._heartbeat(execution))
-        timer = None
+        run.add_done_callback(execution.poke)
+        timers: list[asyncio.Future[None] | asyncio.TimerHandle] = []
         if job.timeout_seconds is not None:
-            timer = asyncio.ensure_future(self.clock.sleep(job.timeout_seconds))
-        cancel = asyncio.ensure_future(execution.cancel.wait())
-        stop = asyncio.ensure_future(execution.stop.wait())
-        grace: asyncio.Future[None] | None = None
+            timers.append(self._later(job.timeout_seconds, execution, "timed_out"))
+        graced = False
         if job.cancel_requested:
-            execution.cancel.set()
+            execution.cancel = True
         try:
             while True:
-                waiting = {run, stop, cancel if grace is None else grace}
-                if timer is not None:
-                    waiting.add(timer)
-                done, _ = await asyncio.wait(
-                    waiting, return_when=asyncio.FIRST_COMPLETED
-                )
-                if run in done:
+                if not (
+                    run.done()
+                    or execution.stop
+                    or execution.timed_out
+                    or execution.grace_over
+                    or (execution.cancel and not graced)
+                ):
+                    await execution.wake
+                    execution.wake = loop.create_future()
+                if run.done():
                     return self._outcome_of(execution, run)
-                if stop in done:
+                if execution.stop:
                     await self._force_stop(execution, run)
                     return _Outcome(kind=execution.stop_reason or "lost")
-                if timer is not None and timer in done:
+                if execution.timed_out:
                     await self._force_stop(execution, run)
                     return _Outcome(kind="error", error=self._timeout_error(execution))
-                if grace is not None and grace in done:
+                if execution.grace_over:
+                    execution.grace_over = False
                     if self._thread_running(execution):
                         # A thread cannot be stopped: the job stays running with
                         # cancel_requested until the runner returns.
@@ -658,16 +748,18 @@ class Worker:
                             self.settings.cancel_grace_seconds,
                             extra=job_log_extra(job, event="job.cancel_ignored"),
                         )
-                        grace = asyncio.get_running_loop().create_future()
                         continue
                     await self._force_stop(execution, run)
                     return _Outcome(
                         kind="canceled", error=self._cancel_error(execution)
                     )
-                if cancel in done and grace is None:
+                if execution.cancel and not graced:
+                    graced = True
                     execution.ctx.request_cancel()
-                    grace = asyncio.ensure_future(
-                        self.clock.sleep(self.settings.cancel_grace_seconds)
+                    timers.append(
+                        self._later(
+                            self.settings.cancel_grace_seconds, execution, "grace_over"
+                        )
                     )
                     logger.info(
                         "job %s: cancel delivered; %.1f s grace",
@@ -676,10 +768,27 @@ class Worker:
                         extra=job_log_extra(job, event="job.cancel_delivered"),
                     )
         finally:
-            for future in (heartbeat, timer, cancel, stop, grace):
-                if future is not None:
-                    future.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            execution.wake = None
+            for timer in timers:
+                timer.cancel()
+
+    def _later(
+        self, seconds: float, execution: _Execution, flag: str
+    ) -> asyncio.Future[None] | asyncio.TimerHandle:
+        """Set ``flag`` on the execution after ``seconds``; cancel() to call off.
+
+        On the system clock this is a loop timer (no task per job); any other
+        clock (a FakeClock in tests) is slept on, so it decides when time passes.
+        """
+        if type(self.clock) is SystemClock:
+            loop = asyncio.get_running_loop()
+            return loop.call_later(seconds, _raise_flag, execution, flag)
+        return asyncio.ensure_future(self._after(seconds, execution, flag))
+
+    async def _after(self, seconds: float, execution: _Execution, flag: str) -> None:
+        """Set ``flag`` on the execution after ``seconds`` on the clock."""
+        await self.clock.sleep(seconds)
+        _raise_flag(execution, flag)
 
     @staticmethod
     def _thread_running(execution: _Execution) -> bool:
@@ -819,44 +928,70 @@ class Worker:
 
     # ------------------------------------------------------------ heartbeat
 
-    async def _heartbeat(self, execution: _Execution) -> None:
-        """Renew the lease; notice a cancel request or a lease taken over."""
-        job = execution.job
+    async def _heartbeat_loop(self) -> None:
+        """Every ``heartbeat`` seconds, renew the leases of every attempt here.
+
+        One store call renews them all (a compare-and-set on running, attempt
+        and worker each). A renewal that misses means the lease was taken over:
+        that attempt stops. A renewed job with a cancel request is canceled.
+        """
         interval = self.settings.heartbeat
         while True:
             await self.clock.sleep(interval)
+            executions = list(self.running.values())
+            if not executions:
+                continue
             expires = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
+            fields = {"lease_expires_at": expires}
             try:
-                fresh = await self.manager.store.update(
-                    job.id,
-                    {"lease_expires_at": expires},
-                    expect_status={JobStatus.running},
-                    expect_attempt=job.attempt,
-                    expect_worker=self.worker_id,
+                results = await self.manager.store.update_many(
+                    [
+                        Update(
+                            e.job.id,
+                            fields,
+                            expect_status=_RUNNING,
+                            expect_attempt=e.job.attempt,
+                            expect_worker=self.worker_id,
+                        )
+                        for e in executions
+                    ]
                 )
             except BackendError as exc:
                 logger.warning(
-                    "job %s: lease renewal failed: %s; trying again",
-                    job.id,
+                    "worker %s: lease renewal of %d job(s) failed: %s; trying again",
+                    self.worker_id,
+                    len(executions),
                     exc,
-                    extra=job_log_extra(job, event="job.heartbeat_failed"),
+                    extra={
+                        "event": "job.heartbeat_failed",
+                        "worker_id": self.worker_id,
+                        "job_ids": [e.job.id for e in executions],
+                    },
                 )
                 continue
-            if fresh is None:
-                logger.warning(
-                    "job %s: lease lost to another worker; stopping attempt %d",
-                    job.id,
-                    job.attempt,
-                    extra=job_log_extra(
-                        job, event="job.lease_lost", worker_id=self.worker_id
-                    ),
-                )
-                execution.stop_reason = "lost"
-                execution.stop.set()
-                return
-            logger.debug("job %s: lease renewed", job.id)
-            if fresh.cancel_requested:
-                execution.cancel.set()
+            for execution, fresh in zip(executions, results, strict=True):
+                if self.running.get(execution.job.id) is not execution:
+                    continue  # it ended while the renewal was on its way
+                self._renewed(execution, fresh)
+
+    def _renewed(self, execution: _Execution, fresh: Job | None) -> None:
+        job = execution.job
+        if fresh is None:
+            if execution.run is not None and execution.run.done():
+                return  # its ending is being written; the write will tell
+            logger.warning(
+                "job %s: lease lost to another worker; stopping attempt %d",
+                job.id,
+                job.attempt,
+                extra=job_log_extra(
+                    job, event="job.lease_lost", worker_id=self.worker_id
+                ),
+            )
+            execution.request_stop("lost")
+            return
+        logger.debug("job %s: lease renewed", job.id)
+        if fresh.cancel_requested:
+            execution.request_cancel()
 
     # ------------------------------------------------------------ progress
 
@@ -1006,17 +1141,18 @@ class Worker:
                 # user was told the job is being canceled, so it never ends done.
                 outcome = _Outcome(kind="canceled", error=self._cancel_error(execution))
             if updated is not None:
-                logger.info(
-                    "job %s done in %.3f s",
-                    job.id,
-                    elapsed,
-                    extra=job_log_extra(
-                        job,
-                        event="job.done",
-                        worker_id=self.worker_id,
-                        duration=elapsed,
-                    ),
-                )
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info(
+                        "job %s done in %.3f s",
+                        job.id,
+                        elapsed,
+                        extra=job_log_extra(
+                            job,
+                            event="job.done",
+                            worker_id=self.worker_id,
+                            duration=elapsed,
+                        ),
+                    )
                 await manager.emit("status", updated)
                 return
         assert outcome.error is not None

@@ -24,11 +24,13 @@ __all__ = [
     "DEFAULT_PREFIX",
     "RedisBackend",
     "RedisSettings",
+    "cancel_count",
     "close_client",
     "is_read_only",
     "make_client",
     "mask_url",
     "parse_url",
+    "raise_swallowed_cancel",
     "translate_errors",
 ]
 
@@ -155,13 +157,18 @@ async def translate_errors(
 
     A read-only reply (the server was demoted to a replica) also drops every pooled
     connection, so the next command connects again, perhaps to the new primary.
+
+    A cancel that arrived during the commands and that the client swallowed is
+    raised again on the way out (see ``raise_swallowed_cancel``).
     """
+    cancels = cancel_count()
     try:
         yield
     except (rexc.RedisError, OSError) as exc:
         if is_read_only(exc):
             await _disconnect(client)
         raise translated(exc, error_type, what, url) from exc
+    raise_swallowed_cancel(cancels)
 
 
 def translated(
@@ -183,6 +190,31 @@ def translated(
             f"Redis {what} at {where} is unreachable: {exc}; retrying later"
         )
     return error_type(f"Redis {what} at {where} failed: {exc}")
+
+
+def cancel_count() -> int:
+    """Return how many cancels of the current task are pending (0 outside a task)."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def raise_swallowed_cancel(before: int) -> None:
+    """Raise CancelledError if the task was canceled since ``before`` was read.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py wraps around every socket
+    write) returns normally, dropping the cancel, when the write completes in the
+    same loop iteration as the cancel. The caller then goes on as if nothing
+    happened: a claim keeps waiting for work, a recovery loop sleeps again, and
+    whoever canceled it (a worker stopping, a manager closing) waits for ever. The
+    task's count of pending cancels still shows the request, so it is honoured
+    here.
+
+    Raises:
+        asyncio.CancelledError: The current task has more pending cancels than
+            ``before``.
+    """
+    if cancel_count() > before:
+        raise asyncio.CancelledError()
 
 
 async def _disconnect(client: aioredis.Redis) -> None:
@@ -364,10 +396,13 @@ class RedisBackend:
 
     async def _send_all(self) -> None:
         """Write what is pending, read the replies, repeat until nothing waits."""
+        cancels = cancel_count()
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
                 await self._send(batch)
+                # close() cancels this task; redis-py may have swallowed that.
+                raise_swallowed_cancel(cancels)
         except BaseException as exc:
             # Cancelled by close() (or a bug): no caller may wait for ever.
             batch, self._pending = self._pending, []

@@ -13,7 +13,12 @@ import redis.exceptions as rexc
 from backgrounder.clock import Clock
 from backgrounder.errors import QueueError
 from backgrounder.queue.base import JobQueue
-from backgrounder_redis._common import RedisBackend, RedisSettings
+from backgrounder_redis._common import (
+    RedisBackend,
+    RedisSettings,
+    cancel_count,
+    raise_swallowed_cancel,
+)
 
 __all__ = ["RedisQueue"]
 
@@ -249,6 +254,8 @@ class _Cancellations:
         self._ping_sent: float | None = None
         self._lost = False
         self._subscribed_once = False
+        # Pending cancels of the listening task when it first asked for a message.
+        self._cancels: int | None = None
 
     def __aiter__(self) -> _Cancellations:
         return self
@@ -295,11 +302,17 @@ class _Cancellations:
     async def __anext__(self) -> str:
         loop = asyncio.get_running_loop()
         timeout = self._queue.settings.socket_timeout
+        if self._cancels is None:
+            self._cancels = cancel_count()
         while True:
+            # redis-py waits through asyncio.wait_for, which can drop a cancel on
+            # Python 3.11: without this check the listener would never stop.
+            raise_swallowed_cancel(self._cancels)
             try:
                 if self._pubsub is None:
                     await self._subscribe()
                 message = await self._pubsub.get_message(timeout=1.0)
+                raise_swallowed_cancel(self._cancels)
                 now = loop.time()
                 if message is not None:
                     self._last_heard = now

@@ -41,8 +41,9 @@ from typing import Any
 
 import psutil
 import redis.asyncio as aioredis
+from tasks import Empty  # bench/tasks.py: this script runs from bench/
 
-from backgrounder import Job, JobManager, JobStatus, NoopRunner, TaskRegistry
+from backgrounder import Job, JobManager, JobStatus, TaskRegistry
 from backgrounder.store.sqlite import _COLUMNS, SqliteStore
 
 HERE = Path(__file__).resolve().parent
@@ -61,7 +62,7 @@ def _pct(values: list[float], q: float) -> float:
 
 def _noop_registry() -> TaskRegistry:
     registry = TaskRegistry()
-    registry.add("noop", NoopRunner(sleep_ms=0))
+    registry.add("noop", Empty())
     return registry
 
 
@@ -139,7 +140,7 @@ def _start_redis_worker(url: str, concurrency: int) -> subprocess.Popen[bytes]:
             "-m",
             "backgrounder.cli",
             "worker",
-            "bench.throughput_redis:registry",
+            "bench.tasks:registry",
             "--store",
             url,
             "--queue",

@@ -16,6 +16,7 @@ from backgrounder.models import Job
 from backgrounder_testing import FakeClock
 
 ManagerFactory = Callable[..., Awaitable[JobManager]]
+BackendPair = Callable[[], dict[str, Any]]
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run tests marked ``all_backends`` once per store/queue pair."""
     if metafunc.definition.get_closest_marker("all_backends") is None:
         return
-    if "make_manager" not in metafunc.fixturenames:
+    if not {"make_manager", "backend_pair"} & set(metafunc.fixturenames):
         return
     metafunc.parametrize(
         "manager_backend",
@@ -103,8 +104,39 @@ class _RedisPairs:
 
 
 @pytest.fixture
+async def _redis_pairs(manager_backend: str) -> AsyncIterator[_RedisPairs | None]:
+    """The Redis pairs of a test on a Redis backend (None on the embedded one)."""
+    if manager_backend == "sqlite-memory":
+        yield None
+        return
+    url = os.environ.get("BACKGROUNDER_REDIS_URL")
+    pairs = _RedisPairs(url if manager_backend == "redis" else None)
+    yield pairs
+    await pairs.cleanup()
+
+
+@pytest.fixture
+def backend_pair(_redis_pairs: _RedisPairs | None) -> BackendPair:
+    """Return a maker of the ``store``/``queue`` options of the test's backend.
+
+    For code that builds its own manager (``setup_backgrounder`` apps): on the
+    embedded backend it returns ``{}`` (the caller's SQLite default applies), on
+    a Redis one a fresh store and queue on the test's shared prefix. Tests marked
+    ``all_backends`` run once per pair, as with ``make_manager``.
+    """
+
+    def make() -> dict[str, Any]:
+        if _redis_pairs is None:
+            return {}
+        store, queue = _redis_pairs.make()
+        return {"store": store, "queue": queue}
+
+    return make
+
+
+@pytest.fixture
 async def make_manager(
-    tmp_path: Path, manager_backend: str
+    tmp_path: Path, _redis_pairs: _RedisPairs | None
 ) -> AsyncIterator[ManagerFactory]:
     """Return a factory of started JobManagers on a temp SQLite file.
 
@@ -113,10 +145,7 @@ async def make_manager(
     queue, unless the test passes its own ``db_path``, ``store`` or ``queue``.
     """
     managers: list[JobManager] = []
-    redis_pairs: _RedisPairs | None = None
-    if manager_backend != "sqlite-memory":
-        url = os.environ.get("BACKGROUNDER_REDIS_URL")
-        redis_pairs = _RedisPairs(url if manager_backend == "redis" else None)
+    redis_pairs = _redis_pairs
 
     async def factory(registry: TaskRegistry, **options: Any) -> JobManager:
         own = {"db_path", "store", "queue"} & set(options)
@@ -133,8 +162,6 @@ async def make_manager(
     yield factory
     for manager in reversed(managers):
         await manager.close(drain=False)
-    if redis_pairs is not None:
-        await redis_pairs.cleanup()
 
 
 async def wait_for(

@@ -118,7 +118,8 @@ class _ChildContext(RunContext):
         """Mark the job canceled; called from the reader thread."""
         self._canceled = True
         try:
-            self._loop.call_soon_threadsafe(self._cancel_event.set)
+            # On the loop: the event is made there if need be, and set (canceled).
+            self._loop.call_soon_threadsafe(self._cancel_signal)
         except RuntimeError:  # the child's loop is closed: it is exiting
             pass
 

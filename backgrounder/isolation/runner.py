@@ -268,7 +268,7 @@ async def _relay_cancel(child: ChildProcess, ctx: RunContext, seq: int) -> None:
     the job's clock would let a fake clock with auto-jump (the testing harness)
     run the clock ahead while the job waits for its child.
     """
-    await ctx._cancel_event.wait()
+    await ctx._cancel_signal().wait()
     child.send({"op": "cancel", "seq": seq})
 
 

@@ -6,6 +6,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+from collections.abc import Sequence
 
 from backgrounder.clock import Clock, SystemClock
 from backgrounder.hookspecs import hookimpl
@@ -126,6 +127,33 @@ class MemoryQueue(JobQueue):
             wait_until = deadline if next_due is None else min(deadline, next_due)
             self._wakeup.clear()
             await self._wait(wait_until - now)
+
+    async def claim_many(
+        self,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        timeout_seconds: float,
+        limit: int,
+    ) -> list[str]:
+        first = await self.claim(
+            worker_id=worker_id,
+            lease_seconds=lease_seconds,
+            timeout_seconds=timeout_seconds,
+        )
+        if first is None:
+            return []
+        ids = [first]
+        while len(ids) < limit:
+            more = self.claim_nowait(lease_seconds=lease_seconds)
+            if more is None:
+                break
+            ids.append(more)
+        return ids
+
+    async def ack_many(self, job_ids: Sequence[str]) -> None:
+        for job_id in job_ids:
+            self._claimed.pop(job_id, None)
 
     async def _wait(self, seconds: float) -> None:
         """Wait for a push or for ``seconds`` on the clock, whichever comes first."""

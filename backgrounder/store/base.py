@@ -11,8 +11,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic_core import PydanticSerializationError
+
 from backgrounder.clock import Clock
-from backgrounder.models import Job, JobPage, JobStatus
+from backgrounder.models import (
+    ErrorInfo,
+    Job,
+    JobPage,
+    JobStatus,
+    Progress,
+    ResourceRequest,
+)
 
 __all__ = [
     "APPEND_ERROR",
@@ -60,11 +69,23 @@ def from_epoch(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
+_FIXED_MODELS = (Progress, ErrorInfo, ResourceRequest)
+
+
 def encode_field(name: str, value: Any) -> Any:
     """Encode one Job field for storage: JSON text, epoch float, or a plain value."""
     if value is None:
         return None
     if name in JSON_FIELDS or name == APPEND_ERROR:
+        try:
+            if isinstance(value, _FIXED_MODELS):
+                # Fixed schemas with no free-form values (so nothing
+                # non-finite): pydantic's own JSON is the same text, in one call.
+                return value.model_dump_json()
+            if name == "errors" and isinstance(value, list):
+                return "[" + ",".join(e.model_dump_json() for e in value) + "]"
+        except PydanticSerializationError:
+            pass  # a lone surrogate in a message: json escapes it below
         if hasattr(value, "model_dump"):
             value = value.model_dump(mode="json")
         elif name == "errors":

@@ -54,6 +54,7 @@ def _job(**fields: object) -> Job:
 @pytest.mark.parametrize(
     "runner", [tasks.BusyLoop(), tasks.AsyncBusyLoop()], ids=["sync", "async"]
 )
+@pytest.mark.all_backends
 async def test_b11_busy_task_times_out_and_its_child_isgone(
     make_manager: ManagerFactory, runner: object
 ) -> None:
@@ -75,6 +76,7 @@ async def test_b11_busy_task_times_out_and_its_child_isgone(
     assert failed.assets is None
 
 
+@pytest.mark.all_backends
 async def test_b11_event_loop_answers_while_children_burn_cpu(
     make_manager: ManagerFactory,
 ) -> None:
@@ -104,6 +106,7 @@ async def test_b11_event_loop_answers_while_children_burn_cpu(
     assert all(gone(pid) for pid in pids)
 
 
+@pytest.mark.all_backends
 async def test_b12_timed_out_children_free_their_slots(
     make_manager: ManagerFactory,
 ) -> None:
@@ -134,6 +137,7 @@ async def test_b12_timed_out_children_free_their_slots(
 # ---------------------------------------------------------------- cancel (B19)
 
 
+@pytest.mark.all_backends
 async def test_b19_cancel_of_sleeping_sync_task_ends_canceled_within_grace(
     make_manager: ManagerFactory,
 ) -> None:
@@ -155,6 +159,7 @@ async def test_b19_cancel_of_sleeping_sync_task_ends_canceled_within_grace(
     assert gone(pid)
 
 
+@pytest.mark.all_backends
 async def test_b19_stubborn_async_task_is_stopped_and_its_reservation_freed(
     make_manager: ManagerFactory, tmp_path: Path
 ) -> None:

@@ -107,6 +107,13 @@ class _SlowClaimWrite(SqliteStore):
             await self.gate.wait()
         return job
 
+    async def update_many(self, updates: Any) -> list[Job | None]:
+        jobs = await super().update_many(updates)
+        if any(u.fields.get("status") == JobStatus.running for u in updates):
+            self.entered.set()
+            await self.gate.wait()
+        return jobs
+
 
 async def test_shutdown_during_a_claim_returns_the_job_uncharged(
     tmp_path: Path,

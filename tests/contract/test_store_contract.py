@@ -327,3 +327,22 @@ async def test_assets_round_trip_as_json(store: JobStore, clock: FakeClock) -> N
 
 async def test_ping_answers(store: JobStore) -> None:
     await store.ping()
+
+
+async def test_text_json_cannot_spell_round_trips(
+    store: JobStore, clock: FakeClock
+) -> None:
+    # An exception message can hold a lone surrogate (bytes decoded with
+    # surrogateescape); the job must still be stored, read and listed intact.
+    error = ErrorInfo(code=ErrorCode.execution_error, message="bad byte \udcff")
+    job = make_job(clock, params={"name": "caf\u00e9 \u2603 \U0001f600"})
+    await store.create(job)
+    updated = await store.update(
+        job.id, {"status": JobStatus.failed, "error": error, APPEND_ERROR: error}
+    )
+    assert updated is not None
+    assert updated.error == error and updated.errors == [error]
+    again = await store.get(job.id)
+    assert again == updated
+    page = await store.list(status=JobStatus.failed)
+    assert [j.error for j in page.items] == [error]

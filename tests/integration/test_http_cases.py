@@ -16,6 +16,7 @@ from backgrounder import Job, RunContext, Stage, Worker
 from backgrounder._json import dumps
 from backgrounder.errors import QueueError
 from backgrounder.store.sqlite import SqliteStore
+from tests.conftest import BackendPair
 from tests.integration.test_http import (
     API,
     Gate,
@@ -30,11 +31,12 @@ from tests.integration.test_http import (
 # ---------------------------------------------------------------- B36
 
 
+@pytest.mark.all_backends
 async def test_b36b_worker_loop_crash_is_logged_and_restarted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, backend_pair: BackendPair
 ) -> None:
     """A claim loop that raises is logged with its worker id and jobs carry on."""
-    app, manager = make_app(tmp_path)
+    app, manager = make_app(tmp_path, **backend_pair())
     async with serve(app) as client:
         claim = manager.queue.claim
         crashed = asyncio.Event()
@@ -61,14 +63,17 @@ async def test_b36b_worker_loop_crash_is_logged_and_restarted(
     assert health["worker"]["restarts"] == 1
 
 
-async def test_b36c_submit_stores_and_queues_before_answering(tmp_path: Path) -> None:
+@pytest.mark.all_backends
+async def test_b36c_submit_stores_and_queues_before_answering(
+    tmp_path: Path, backend_pair: BackendPair
+) -> None:
     """A 202 means the job is stored; one whose push failed is queued by recovery.
 
     The store is the truth: once the job is stored the submit is accepted (a 503
     would make a client's retry submit it twice), and the recovery pass puts a
     queued job that missed its push on the queue.
     """
-    app, manager = make_app(tmp_path, worker_count=0)
+    app, manager = make_app(tmp_path, worker_count=0, **backend_pair())
     async with serve(app) as client:
         accepted = (await client.post(API, json={"task": "noop"})).json()
         assert await manager.queue.size() == 1
@@ -120,10 +125,13 @@ class Steps:
                 await asyncio.sleep(0)
 
 
-async def test_b38_progress_seen_by_pollers_never_goes_down(tmp_path: Path) -> None:
+@pytest.mark.all_backends
+async def test_b38_progress_seen_by_pollers_never_goes_down(
+    tmp_path: Path, backend_pair: BackendPair
+) -> None:
     """GET pollers and the stream see progress rise to 100/write/10 of 10."""
     steps = Steps()
-    app, _ = make_app(tmp_path, make_registry(steps=steps))
+    app, _ = make_app(tmp_path, make_registry(steps=steps), **backend_pair())
     async with serve(app) as client:
         job = (await client.post(API, json={"task": "steps"})).json()
         stream = asyncio.ensure_future(read_events(client, job["id"]))
@@ -182,13 +190,14 @@ async def test_b44_hundred_megabyte_body_is_413_unread(tmp_path: Path) -> None:
     assert stored == []
 
 
+@pytest.mark.all_backends
 async def test_b44_params_just_under_the_limit_reach_the_runner_unchanged(
-    tmp_path: Path,
+    tmp_path: Path, backend_pair: BackendPair
 ) -> None:
     """Params 1 KB under max_params_bytes are accepted and arrive identical."""
     gate = Gate()
     gate.release.set()
-    app, manager = make_app(tmp_path, make_registry(gate=gate))
+    app, manager = make_app(tmp_path, make_registry(gate=gate), **backend_pair())
     limit = manager.settings.max_params_bytes
     params: dict[str, Any] = {"big": 2**60 + 1, "text": "héllo ✓", "nested": {"a": [1]}}
     params["blob"] = ""
@@ -231,11 +240,12 @@ class _Crash(BaseException):
     """Kills the claim loop outright, past its supervisor."""
 
 
+@pytest.mark.all_backends
 async def test_b47_health_503_when_worker_dies_and_200_after_restart(
-    tmp_path: Path,
+    tmp_path: Path, backend_pair: BackendPair
 ) -> None:
     """A dead worker turns _health 503 at once; a restarted one turns it 200."""
-    app, manager = make_app(tmp_path)
+    app, manager = make_app(tmp_path, **backend_pair())
     async with serve(app) as client:
         assert (await client.get(f"{API}/_health")).status_code == 200
         claim = manager.queue.claim
@@ -292,9 +302,12 @@ async def test_b47_health_503_when_store_is_not_writable(tmp_path: Path) -> None
     assert back.status_code == 200
 
 
-async def test_b47_health_503_when_queue_is_unreachable(tmp_path: Path) -> None:
+@pytest.mark.all_backends
+async def test_b47_health_503_when_queue_is_unreachable(
+    tmp_path: Path, backend_pair: BackendPair
+) -> None:
     """A queue whose ping fails turns _health 503 naming the queue."""
-    app, manager = make_app(tmp_path, worker_count=0)
+    app, manager = make_app(tmp_path, worker_count=0, **backend_pair())
     async with serve(app) as client:
 
         async def down() -> None:
@@ -304,7 +317,7 @@ async def test_b47_health_503_when_queue_is_unreachable(tmp_path: Path) -> None:
         response = await client.get(f"{API}/_health")
     assert response.status_code == 503
     assert response.json()["queue"] == {
-        "name": "memory",
+        "name": manager.queue.name,
         "ok": False,
         "error": "queue 'redis://127.0.0.1:1' is unreachable",
     }

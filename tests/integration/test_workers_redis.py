@@ -69,8 +69,21 @@ async def prefix() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def manager(prefix: str) -> AsyncIterator[JobManager]:
-    """The API side: Redis store and queue, no worker of its own."""
+def store_url(request: pytest.FixtureRequest, prefix: str, tmp_path: Path) -> str:
+    """The store every process shares: Redis (default) or a SQLite file.
+
+    Parametrize indirectly with "sqlite" for the mixed pair (SQLite store,
+    Redis queue).
+    """
+    assert REDIS_URL
+    if getattr(request, "param", "redis") == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return with_prefix(REDIS_URL, prefix)
+
+
+@pytest.fixture
+async def manager(prefix: str, store_url: str) -> AsyncIterator[JobManager]:
+    """The API side: the shared store, the Redis queue, no worker of its own."""
     assert REDIS_URL
     url = with_prefix(REDIS_URL, prefix)
     registry = TaskRegistry()
@@ -79,7 +92,7 @@ async def manager(prefix: str) -> AsyncIterator[JobManager]:
         assert spec is not None
         registry.add(name, spec.runner, max_retries=spec.max_retries)
     async with JobManager(
-        store=url, queue=url, registry=registry, worker_count=0, lease_seconds=2
+        store=store_url, queue=url, registry=registry, worker_count=0, lease_seconds=2
     ) as built:
         yield built
 
@@ -92,7 +105,9 @@ async def http(manager: JobManager) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-def start_worker(prefix: str, tmp_path: Path) -> AsyncIterator[StartWorker] | Any:
+def start_worker(
+    prefix: str, tmp_path: Path, store_url: str
+) -> AsyncIterator[StartWorker] | Any:
     assert REDIS_URL
     url = with_prefix(REDIS_URL, prefix)
     env = dict(os.environ, BG_TEST_REDIS_URL=REDIS_URL, BG_TEST_PREFIX=prefix)
@@ -102,7 +117,7 @@ def start_worker(prefix: str, tmp_path: Path) -> AsyncIterator[StartWorker] | An
         args = [
             "tests.integration.fixtures_tasks:registry",
             "--store",
-            url,
+            store_url,
             "--queue",
             url,
             "--concurrency",
@@ -246,13 +261,20 @@ async def test_sigterm_mid_job_returns_it_uncharged(
     assert [r.split("|")[0] for r in runs] == ["1", "1"]
 
 
+@pytest.mark.parametrize(
+    "store_url", ["redis", "sqlite"], indirect=True, ids=["redis+redis", "sqlite+redis"]
+)
 async def test_sigkill_loop_loses_and_duplicates_nothing(
     manager: JobManager,
     http: httpx.AsyncClient,
     start_worker: StartWorker,
     prefix: str,
+    store_url: str,
 ) -> None:
     """Workers SIGKILLed mid-job over and over: every job ends, once per attempt.
+
+    On Redis store + Redis queue, and on a SQLite file shared by the processes
+    with the Redis queue (the mixed pair).
 
     Three ``backgrounder worker`` processes run 120 jobs of 150-300 ms; six times
     a worker holding a running job is killed and a new one started. Each runner
@@ -305,7 +327,8 @@ async def test_sigkill_loop_loses_and_duplicates_nothing(
             assert job.status == JobStatus.failed, job
             assert job.error is not None and job.error.code == "worker_lost"
     print(
-        f"\nSIGKILL loop (Redis+Redis): {len(ids)} jobs, {kills} kills, "
+        f"\nSIGKILL loop ({manager.store.name}+{manager.queue.name}): "
+        f"{len(ids)} jobs, {kills} kills, "
         f"{counts[JobStatus.done]} done, {counts[JobStatus.failed]} failed, "
         f"lost 0, attempts run twice {twice}"
     )
