@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ from backgrounder.models import Job, JobPage, JobStatus
 from backgrounder.store.base import (
     APPEND_ERROR,
     JobStore,
+    Update,
     decode_row,
     encode_field,
     to_epoch,
@@ -229,13 +230,17 @@ class RedisStore(RedisBackend, JobStore):
         flat = await self._call("get", "HGETALL", self._key(job_id))
         return _decode(flat) if flat else None
 
-    async def _get_many(self, ids: builtins.list[str]) -> builtins.list[Job]:
-        if not ids:
+    async def get_many(self, job_ids: Sequence[str]) -> builtins.list[Job | None]:
+        """Return the jobs (None for an unknown id) in order, in one round trip."""
+        if not job_ids:
             return []
         rows = await self._call_many(
-            "get", [("HGETALL", self._key(job_id)) for job_id in ids]
+            "get", [("HGETALL", self._key(job_id)) for job_id in job_ids]
         )
-        return [_decode(row) for row in rows if row]
+        return [_decode(row) if row else None for row in rows]
+
+    async def _get_many(self, ids: builtins.list[str]) -> builtins.list[Job]:
+        return [job for job in await self.get_many(ids) if job is not None]
 
     async def list(
         self,
@@ -296,24 +301,57 @@ class RedisStore(RedisBackend, JobStore):
         expect_cancel_requested: bool | None = None,
     ) -> Job | None:
         """Compare-and-set the named fields in one Lua script."""
-        args: list[Any] = [
+        args = self._update_args(
+            Update(
+                job_id,
+                fields,
+                expect_status=expect_status,
+                expect_attempt=expect_attempt,
+                expect_worker=expect_worker,
+                expect_cancel_requested=expect_cancel_requested,
+            )
+        )
+        if args is None:
+            return None
+        flat = await self._script("update", (), args)
+        return _decode(flat) if flat else None
+
+    async def update_many(self, updates: Sequence[Update]) -> builtins.list[Job | None]:
+        """Run each compare-and-set as its own script, all in one round trip.
+
+        Each one is exactly ``update``: atomic on its own, missing on its own.
+        """
+        argv = [self._update_args(u) for u in updates]
+        commands = [
+            self._script_args("update", (), args) for args in argv if args is not None
+        ]
+        replies = iter(await self._call_many("update", commands) if commands else [])
+        results: builtins.list[Job | None] = []
+        for args in argv:
+            flat = next(replies) if args is not None else None
+            results.append(_decode(flat) if flat else None)
+        return results
+
+    def _update_args(self, u: Update) -> builtins.list[Any] | None:
+        """Return the update script's ARGV, or None when it cannot match."""
+        args: builtins.list[Any] = [
             self.prefix,
-            job_id,
+            u.job_id,
             repr(to_epoch(self._clock.now())),
             "",
-            "" if expect_attempt is None else str(expect_attempt),
-            expect_worker or "",
-            "0" if expect_worker is None else "1",
+            "" if u.expect_attempt is None else str(u.expect_attempt),
+            u.expect_worker or "",
+            "0" if u.expect_worker is None else "1",
             ""
-            if expect_cancel_requested is None
-            else str(int(expect_cancel_requested)),
+            if u.expect_cancel_requested is None
+            else str(int(u.expect_cancel_requested)),
         ]
-        if expect_status is not None:
-            statuses = [str(s) for s in expect_status]
+        if u.expect_status is not None:
+            statuses = [str(s) for s in u.expect_status]
             if not statuses:
                 return None
             args[3] = ",".join(statuses)
-        for name, value in fields.items():
+        for name, value in u.fields.items():
             if name == APPEND_ERROR:
                 args += ["a", "errors", encode_field(name, value)]
                 continue
@@ -324,8 +362,7 @@ class RedisStore(RedisBackend, JobStore):
                 args += ["d", name, ""]
             else:
                 args += ["s", name, _text(encoded)]
-        flat = await self._script("update", (), args)
-        return _decode(flat) if flat else None
+        return args
 
     async def find_expired(
         self, now: datetime, *, limit: int = 100
