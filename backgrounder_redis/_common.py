@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +15,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis._parsers.base import BaseParser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+try:
+    import hiredis as _hiredis
+
+    hiredis: Any = _hiredis
+except ImportError:  # pragma: no cover - the redis extra installs it
+    hiredis = None
 
 from backgrounder.clock import Clock, SystemClock
 from backgrounder.errors import BackendError, ConfigurationError
@@ -225,8 +234,66 @@ async def _disconnect(client: aioredis.Redis) -> None:
         logger.debug("dropping Redis connections failed", exc_info=True)
 
 
+async def _retire(client: aioredis.Redis, conn: Any) -> None:
+    """Disconnect a broken connection and give it back to the pool."""
+    with contextlib.suppress(Exception):
+        await conn.disconnect(nowait=True)
+    pool: Any = client.connection_pool
+    await pool.release(conn)
+
+
 #: A command waiting for its turn, and the future its caller awaits.
 _Pending = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
+
+_NOT_ENOUGH_DATA = object()
+
+
+class _Wire:
+    """The pipeline connection spoken to directly: hiredis packs and parses.
+
+    redis-py makes the connection (TLS, AUTH, SELECT, HELLO); then every write
+    is one ``transport.write`` of packed commands, and one reader task feeds
+    what arrives to a hiredis reader and hands each reply to the next waiting
+    future, in order. A future whose caller went away is skipped, never
+    unqueued, so replies and callers stay matched.
+    """
+
+    def __init__(self, conn: Any, timeout: float) -> None:
+        self.conn = conn
+        self.timeout = timeout
+        self.writer: asyncio.StreamWriter = conn._writer
+        self.stream: asyncio.StreamReader = conn._reader
+        kwargs: dict[str, Any] = {
+            "protocolError": rexc.InvalidResponse,
+            "replyError": BaseParser.parse_error,
+            "notEnoughData": _NOT_ENOUGH_DATA,
+        }
+        if conn.encoder.decode_responses:
+            kwargs["encoding"] = conn.encoder.encoding
+            kwargs["errors"] = conn.encoder.encoding_errors
+        self.parser: Any = hiredis.Reader(**kwargs)
+        self.push_type: Any = getattr(hiredis, "PushNotification", None)
+        self.waiting: deque[_Pending] = deque()
+        self.timer: asyncio.Timeout | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.broken = False
+
+    @staticmethod
+    def usable(conn: Any) -> bool:
+        return (
+            hiredis is not None
+            and isinstance(getattr(conn, "_reader", None), asyncio.StreamReader)
+            and isinstance(getattr(conn, "_writer", None), asyncio.StreamWriter)
+        )
+
+    def write(self, batch: list[_Pending]) -> None:
+        pack = hiredis.pack_command
+        self.writer.write(b"".join([pack(args) for args, _ in batch]))
+        was_idle = not self.waiting
+        self.waiting.extend(batch)
+        timer = self.timer
+        if was_idle and timer is not None and timer.when() is None:
+            timer.reschedule(asyncio.get_running_loop().time() + self.timeout)
 
 
 class RedisBackend:
@@ -281,6 +348,9 @@ class RedisBackend:
         self._pending: list[_Pending] = []
         self._sender: asyncio.Task[None] | None = None
         self._conn: Any = None
+        self._wire: _Wire | None = None
+        #: A flush (callback or sender task) will take what is pending.
+        self._scheduled = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({mask_url(self.url)!r}, prefix={self.prefix!r})"
@@ -307,6 +377,8 @@ class RedisBackend:
         self._pending = []
         self._sender = None
         self._conn = None
+        self._wire = None
+        self._scheduled = False
 
     async def close(self) -> None:
         """Close the connection pool (a client passed in is left open)."""
@@ -315,6 +387,13 @@ class RedisBackend:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+        wire = self._wire
+        if wire is not None:
+            self._drop_wire(wire, rexc.ConnectionError("the backend was closed"))
+            if wire.reader is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await wire.reader
+        self._scheduled = False
         self._fail(self._pending, 0, rexc.ConnectionError("the backend was closed"))
         self._pending = []
         client, self._client = self._client, None
@@ -338,9 +417,99 @@ class RedisBackend:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((args, future))
-        if self._sender is None:
-            self._sender = loop.create_task(self._send_all())
+        if not self._scheduled:
+            self._scheduled = True
+            if self._wire is not None:
+                # Everything asked for in this loop iteration goes in one write.
+                loop.call_soon(self._flush)
+            else:
+                self._sender = loop.create_task(self._send_all())
         return future
+
+    def _flush(self) -> None:
+        """Write what is pending on the wire (a loop callback)."""
+        wire = self._wire
+        if wire is None:
+            # The wire broke since this was scheduled: connect again first.
+            self._sender = asyncio.get_running_loop().create_task(self._send_all())
+            return
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if batch:
+            wire.write(batch)
+
+    def _drop_wire(self, wire: _Wire, exc: BaseException) -> None:
+        """Forget a broken wire; its unanswered commands fail with ``exc``."""
+        if wire.broken:
+            return
+        if self._wire is wire:
+            self._wire = None
+        wire.broken = True
+        waiting = list(wire.waiting)
+        wire.waiting.clear()
+        self._fail(waiting, 0, exc)
+        if wire.reader is not None and wire.reader is not asyncio.current_task():
+            wire.reader.cancel()
+        if self._conn is wire.conn:
+            self._conn = None
+        with contextlib.suppress(Exception):
+            wire.writer.transport.abort()
+        client = self._client
+        if client is not None:
+            task = asyncio.get_running_loop().create_task(_retire(client, wire.conn))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _read_replies(self, wire: _Wire) -> None:
+        """Hand each reply on ``wire`` to the next waiting future, in order."""
+        loop = asyncio.get_running_loop()
+        parser = wire.parser
+        waiting = wire.waiting
+        try:
+            while True:
+                deadline = loop.time() + wire.timeout if waiting else None
+                async with asyncio.timeout_at(deadline) as timer:
+                    wire.timer = timer
+                    data = await wire.stream.read(1 << 16)
+                wire.timer = None
+                if not data:
+                    raise rexc.ConnectionError("the server closed the connection")
+                parser.feed(data)
+                while (reply := parser.gets()) is not _NOT_ENOUGH_DATA:
+                    if wire.push_type is not None and isinstance(reply, wire.push_type):
+                        continue  # not an answer to a command
+                    args, future = waiting.popleft()
+                    if future.done():
+                        continue
+                    if isinstance(reply, rexc.NoScriptError) and args[0] == "EVALSHA":
+                        # The server lost its scripts: EVAL runs and loads it.
+                        body = self._bodies[args[1]]
+                        self._resend((("EVAL", body, *args[2:]), future))
+                    elif isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        except asyncio.CancelledError:
+            self._drop_wire(wire, rexc.ConnectionError("the backend was closed"))
+            raise
+        except TimeoutError:
+            self._drop_wire(
+                wire, rexc.TimeoutError(f"no reply within {wire.timeout} s")
+            )
+        except (rexc.RedisError, OSError) as exc:
+            self._drop_wire(wire, exc)
+        except BaseException as exc:  # pragma: no cover - a bug: fail loudly
+            self._drop_wire(wire, rexc.ConnectionError(f"reader failed: {exc!r}"))
+            raise
+
+    def _resend(self, item: _Pending) -> None:
+        self._pending.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            loop = asyncio.get_running_loop()
+            if self._wire is not None:
+                loop.call_soon(self._flush)
+            else:
+                self._sender = loop.create_task(self._send_all())
 
     async def _failure(self, exc: BaseException, what: str) -> BackendError:
         if is_read_only(exc) and self._client is not None:
@@ -399,6 +568,11 @@ class RedisBackend:
         cancels = cancel_count()
         try:
             while self._pending:
+                if self._conn is None and await self._open_wire():
+                    # Raced only by close(); from now on _flush writes.
+                    raise_swallowed_cancel(cancels)
+                    self._flush()
+                    return
                 batch, self._pending = self._pending, []
                 await self._send(batch)
                 # close() cancels this task; redis-py may have swallowed that.
@@ -409,7 +583,31 @@ class RedisBackend:
             self._fail(batch, 0, rexc.ConnectionError(f"not sent: {exc!r}"))
             raise
         finally:
-            self._sender = None
+            if self._sender is asyncio.current_task():
+                self._sender = None
+            if self._wire is None or not self._pending:
+                self._scheduled = False
+
+    async def _open_wire(self) -> bool:
+        """Take a pooled connection; speak to it directly when hiredis can.
+
+        Returns True when the wire is up. A failure to connect fails what is
+        pending (the caller sees the error) and returns False with nothing left.
+        """
+        pool: Any = self.client.connection_pool
+        try:
+            conn = await pool.get_connection()
+        except (rexc.RedisError, OSError) as exc:
+            batch, self._pending = self._pending, []
+            self._fail(batch, 0, exc)
+            return False
+        self._conn = conn
+        if not _Wire.usable(conn):
+            return False
+        wire = _Wire(conn, self.settings.socket_timeout)
+        wire.reader = asyncio.get_running_loop().create_task(self._read_replies(wire))
+        self._wire = wire
+        return True
 
     @staticmethod
     def _fail(batch: list[_Pending], start: int, exc: BaseException) -> None:
