@@ -435,6 +435,8 @@ class RedisBackend:
             return
         self._scheduled = False
         batch, self._pending = self._pending, []
+        # A caller cancelled before the write: its command need not go out.
+        batch = [item for item in batch if not item[1].done()]
         if batch:
             wire.write(batch)
 
