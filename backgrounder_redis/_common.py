@@ -387,6 +387,8 @@ class RedisBackend:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+        self._fail(self._pending, 0, rexc.ConnectionError("the backend was closed"))
+        self._pending = []
         wire = self._wire
         if wire is not None:
             self._drop_wire(wire, rexc.ConnectionError("the backend was closed"))
@@ -394,8 +396,6 @@ class RedisBackend:
                 with contextlib.suppress(asyncio.CancelledError):
                     await wire.reader
         self._scheduled = False
-        self._fail(self._pending, 0, rexc.ConnectionError("the backend was closed"))
-        self._pending = []
         client, self._client = self._client, None
         conn, self._conn = self._conn, None
         if conn is not None and client is not None:
@@ -419,11 +419,14 @@ class RedisBackend:
         self._pending.append((args, future))
         if not self._scheduled:
             self._scheduled = True
-            if self._wire is not None:
+            wire = self._wire
+            if wire is None:
+                self._sender = loop.create_task(self._send_all())
+            elif not wire.waiting:
                 # Everything asked for in this loop iteration goes in one write.
                 loop.call_soon(self._flush)
-            else:
-                self._sender = loop.create_task(self._send_all())
+            # else: a round trip is in flight; its reader writes what gathered
+            # meanwhile as soon as replies come, in one write.
         return future
 
     def _flush(self) -> None:
@@ -431,7 +434,9 @@ class RedisBackend:
         wire = self._wire
         if wire is None:
             # The wire broke since this was scheduled: connect again first.
-            self._sender = asyncio.get_running_loop().create_task(self._send_all())
+            if self._sender is None:
+                loop = asyncio.get_running_loop()
+                self._sender = loop.create_task(self._send_all())
             return
         self._scheduled = False
         batch, self._pending = self._pending, []
@@ -458,8 +463,14 @@ class RedisBackend:
             wire.writer.transport.abort()
         client = self._client
         if client is not None:
-            task = asyncio.get_running_loop().create_task(_retire(client, wire.conn))
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(_retire(client, wire.conn))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            if self._pending and self._sender is None:
+                # Commands that were waiting for this wire's replies go out on
+                # a new connection.
+                self._scheduled = True
+                self._sender = loop.create_task(self._send_all())
 
     async def _read_replies(self, wire: _Wire) -> None:
         """Hand each reply on ``wire`` to the next waiting future, in order."""
@@ -490,6 +501,8 @@ class RedisBackend:
                         future.set_exception(reply)
                     else:
                         future.set_result(reply)
+                if self._pending and self._wire is wire:
+                    self._flush()
         except asyncio.CancelledError:
             self._drop_wire(wire, rexc.ConnectionError("the backend was closed"))
             raise
