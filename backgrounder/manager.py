@@ -51,6 +51,10 @@ __all__ = ["JobManager"]
 logger = logging.getLogger(__name__)
 
 
+#: At most this many submitted jobs are remembered for the local worker.
+_FRESH_LIMIT = 4096
+
+
 def _new_id() -> str:
     """Return a random (version 4) UUID as 32 hex digits, without uuid.UUID's cost."""
     raw = bytearray(os.urandom(16))
@@ -125,6 +129,9 @@ class JobManager:
         self._has_event_hooks = bool(
             self.pm.hook.backgrounder_job_event.get_hookimpls()
         )
+        #: Jobs submitted here and not yet claimed here, newest last (bounded):
+        #: the local worker admits them without reading them back from the store.
+        self._fresh: dict[str, Job] = {}
 
     def _resolve(self, kind: str, value: Any) -> Any:
         if not isinstance(value, str):
@@ -312,6 +319,11 @@ class JobManager:
             if stored.task != job.task or stored.params != job.params:
                 raise IdempotencyConflictError(idempotency_key or "", stored.id)
             return stored, False
+        if self.settings.worker_count > 0:
+            fresh = self._fresh
+            if len(fresh) >= _FRESH_LIMIT:
+                del fresh[next(iter(fresh))]
+            fresh[stored.id] = stored
         try:
             await self.queue.push(stored.id, priority=stored.priority)
         except BackendError as exc:
@@ -335,6 +347,17 @@ class JobManager:
             )
         await self.emit("status", stored)
         return stored, True
+
+    def take_fresh(self, job_ids: list[str]) -> list[Job | None]:
+        """Return (and forget) the jobs of ``job_ids`` submitted here, else None.
+
+        A snapshot from submission: only what never changes (task, resources,
+        priority) may be read from it. A worker starting one still does so by
+        compare-and-set on status and attempt, and reads the job from the store
+        if that fails (the job was canceled, or retried since).
+        """
+        pop = self._fresh.pop
+        return [pop(job_id, None) for job_id in job_ids]
 
     def _build_job(
         self,
@@ -647,6 +670,10 @@ class JobManager:
         return updated
 
     # ------------------------------------------------------------ events
+
+    def has_listeners(self, job_id: str) -> bool:
+        """Return True when an event about ``job_id`` would reach anybody."""
+        return self._has_event_hooks or self.events_bus.has_subscribers(job_id)
 
     async def emit(self, kind: str, job: Job) -> None:
         """Publish an event to this process's subscribers and the job-event hook."""

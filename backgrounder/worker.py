@@ -434,13 +434,47 @@ class Worker:
         )
         if not ids:
             return 0
-        jobs = await manager.store.get_many(ids)
-        admitted: list[tuple[Job, TaskSpec | None, Reservation | None]] = []
+        # Jobs submitted in this process are known already; the rest are read.
+        # A snapshot that turns out stale fails its compare-and-set below and
+        # is read from the store and tried once more.
+        jobs = manager.take_fresh(ids)
+        missing = [job_id for job_id, job in zip(ids, jobs, strict=True) if not job]
+        if missing:
+            found = iter(await manager.store.get_many(missing))
+            jobs = [job if job is not None else next(found) for job in jobs]
+        stale: list[str] = []
         deferred: list[Job] = []
-        drop: list[str] = []
+        started = await self._admit(
+            ids, jobs, deferred, stale, from_cache=len(missing) < len(ids)
+        )
+        if stale:
+            jobs = await manager.store.get_many(stale)
+            started += await self._admit(stale, jobs, deferred, [], from_cache=False)
+        waiting = {job.id for job in deferred}
+        acks = [job_id for job_id in ids if job_id not in waiting]
+        await manager.queue.ack_many(acks)
+        for job in deferred:
+            await self._defer(job)
+        return started
+
+    async def _admit(
+        self,
+        ids: list[str],
+        jobs: list[Job | None],
+        deferred: list[Job],
+        stale: list[str],
+        *,
+        from_cache: bool,
+    ) -> int:
+        """Reserve, mark running and launch the claimed ``jobs``; return how many.
+
+        Jobs that do not fit go to ``deferred``. With ``from_cache``, a job whose
+        start fails its compare-and-set goes to ``stale`` to be read again.
+        """
+        manager = self.manager
+        admitted: list[tuple[Job, TaskSpec | None, Reservation | None]] = []
         for job_id, job in zip(ids, jobs, strict=True):
             if job is None or job.status != JobStatus.queued:
-                drop.append(job_id)
                 manager.resources.forget(job_id)
                 logger.debug("job %s claimed but no longer queued; dropped", job_id)
                 continue
@@ -465,9 +499,12 @@ class Worker:
                 ):
                     if running is None:
                         manager.resources.release(reservation)
-                        logger.debug(
-                            "job %s changed before it started; dropped", job.id
-                        )
+                        if from_cache:
+                            stale.append(job.id)
+                        else:
+                            logger.debug(
+                                "job %s changed before it started; dropped", job.id
+                            )
                     elif spec is None or reservation is None:
                         unknown.append(running)
                     else:
@@ -478,13 +515,8 @@ class Worker:
             # Reservations of jobs that never reached the store are given back.
             for _, _, reservation in admitted:
                 manager.resources.release(reservation)
-        waiting = {job.id for job in deferred}
-        acks = [job_id for job_id in ids if job_id not in waiting]
-        await manager.queue.ack_many(acks)
         for job in unknown:
             await self._fail_unknown_task(job)
-        for job in deferred:
-            await self._defer(job)
         return started
 
     async def _mark_running(self, jobs: list[Job]) -> list[Job | None]:
@@ -1123,7 +1155,7 @@ class Worker:
                 await manager.emit("status", updated)
             return
         if outcome.kind == "done":
-            updated = await manager.store.update(
+            done = Update(
                 job.id,
                 {
                     "status": JobStatus.done,
@@ -1133,9 +1165,21 @@ class Worker:
                     "error": None,
                     "lease_expires_at": None,
                 },
+                expect_status=_RUNNING,
+                expect_attempt=job.attempt,
+                expect_worker=self.worker_id,
                 expect_cancel_requested=False,
-                **cas,  # type: ignore[arg-type]
             )
+            # The job is read back only for whoever listens to its events.
+            listened = manager.has_listeners(job.id)
+            landed = (
+                await manager.store.update_many([done])
+                if listened
+                else [job]
+                if await manager.store.apply(done)
+                else [None]
+            )
+            updated = landed[0]
             if updated is None:
                 # A cancel accepted while the result was on its way wins: the
                 # user was told the job is being canceled, so it never ends done.
@@ -1153,7 +1197,12 @@ class Worker:
                             duration=elapsed,
                         ),
                     )
-                await manager.emit("status", updated)
+                if not listened and manager.has_listeners(job.id):
+                    # Somebody subscribed while the write was on its way.
+                    updated = await manager.store.get(job.id) or updated
+                    listened = True
+                if listened:
+                    await manager.emit("status", updated)
                 return
         assert outcome.error is not None
         if outcome.kind == "canceled":

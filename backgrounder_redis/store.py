@@ -109,8 +109,9 @@ return {1, redis.call('HGETALL', k)}
 # attempt or '', expected worker or '' (with ARGV[7] = '1' when it is checked),
 # expected cancel_requested ('0', '1' or '' for any), then op, field, value
 # triples: op 's' sets, 'd' deletes, 'a' appends a JSON
-# value to the JSON list in field.
-_UPDATE = (
+# value to the JSON list in field. _UPDATE returns the job after the write,
+# _APPLY only 1 (both return nil on a miss).
+_CAS = (
     _INDEX
     + """
 local p, id, now = ARGV[1], ARGV[2], ARGV[3]
@@ -150,9 +151,10 @@ for i = 9, #ARGV, 3 do
 end
 if not touched then redis.call('HSET', k, 'updated_at', now) end
 reindex(p, id, k, cur[1])
-return redis.call('HGETALL', k)
 """
 )
+_UPDATE = _CAS + "return redis.call('HGETALL', k)\n"
+_APPLY = _CAS + "return 1\n"
 
 
 def _text(value: Any) -> str:
@@ -189,7 +191,7 @@ class RedisStore(RedisBackend, JobStore):
 
     kind = "store"
     error_type = StoreError
-    script_bodies = {"create": _CREATE, "update": _UPDATE}
+    script_bodies = {"create": _CREATE, "update": _UPDATE, "apply": _APPLY}
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -331,6 +333,13 @@ class RedisStore(RedisBackend, JobStore):
             flat = next(replies) if args is not None else None
             results.append(_decode(flat) if flat else None)
         return results
+
+    async def apply(self, update: Update) -> bool:
+        """Compare-and-set as ``update`` does, without reading the job back."""
+        args = self._update_args(update)
+        if args is None:
+            return False
+        return bool(await self._script("apply", (), args))
 
     def _update_args(self, u: Update) -> builtins.list[Any] | None:
         """Return the update script's ARGV, or None when it cannot match."""

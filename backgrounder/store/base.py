@@ -215,6 +215,25 @@ class JobStore(abc.ABC):
         """
         return builtins.list(await asyncio.gather(*map(self.get, job_ids)))
 
+    async def apply(self, update: Update) -> bool:
+        """Make one compare-and-set write; return whether it landed.
+
+        ``update`` without the job read back, for writers that only need to know
+        the outcome. The default calls ``update``; a store that can skip reading
+        the row back overrides it.
+        """
+        return (
+            await self.update(
+                update.job_id,
+                update.fields,
+                expect_status=update.expect_status,
+                expect_attempt=update.expect_attempt,
+                expect_worker=update.expect_worker,
+                expect_cancel_requested=update.expect_cancel_requested,
+            )
+            is not None
+        )
+
     async def update_many(self, updates: Sequence[Update]) -> builtins.list[Job | None]:
         """Apply each compare-and-set write on its own; return each one's result.
 

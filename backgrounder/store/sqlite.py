@@ -475,6 +475,12 @@ class SqliteStore(JobStore):
         rows = await self._fetch(sql, args)
         return _decode(rows[0]) if rows else None
 
+    async def apply(self, update: Update) -> bool:
+        """Compare-and-set in one UPDATE, without reading the row back."""
+        sql, args = self._update_sql(update, returning=False)
+        changed: int = await self._run(lambda conn: conn.execute(sql, args).rowcount)
+        return changed > 0
+
     async def update_many(self, updates: Sequence[Update]) -> builtins.list[Job | None]:
         """Run every compare-and-set in one transaction, each on its own."""
         statements = [self._update_sql(u) for u in updates]
@@ -487,7 +493,9 @@ class SqliteStore(JobStore):
         rows: builtins.list[Row | None] = await self._run(op)
         return [None if row is None else _decode(row) for row in rows]
 
-    def _update_sql(self, u: Update) -> tuple[str, builtins.list[Any]]:
+    def _update_sql(
+        self, u: Update, *, returning: bool = True
+    ) -> tuple[str, builtins.list[Any]]:
         fields = u.fields
         statuses = (
             None if u.expect_status is None else tuple(str(s) for s in u.expect_status)
@@ -498,6 +506,7 @@ class SqliteStore(JobStore):
             u.expect_attempt is not None,
             u.expect_worker is not None,
             u.expect_cancel_requested is not None,
+            returning,
         )
         sql = _UPDATE_SQL.get(shape)
         if sql is None:
@@ -605,6 +614,7 @@ def _build_update_sql(
     attempt: bool,
     worker: bool,
     cancel_requested: bool,
+    returning: bool,
 ) -> str:
     """Return the compare-and-set UPDATE for one shape of ``Update``.
 
@@ -630,10 +640,8 @@ def _build_update_sql(
         where.append("worker_id = ?")
     if cancel_requested:
         where.append("cancel_requested = ?")
-    return (
-        f"UPDATE jobs SET {', '.join(sets)} WHERE {' AND '.join(where)} "
-        f"RETURNING {_RETURNING}"
-    )
+    sql = f"UPDATE jobs SET {', '.join(sets)} WHERE {' AND '.join(where)}"
+    return f"{sql} RETURNING {_RETURNING}" if returning else sql
 
 
 def _daemonize(connection: aiosqlite.Connection) -> None:

@@ -78,3 +78,45 @@ async def test_lifecycle_idempotency_one_job_for_concurrent_submits(
     assert len(page.items) == 1
     with pytest.raises(IdempotencyConflictError, match="k1"):
         await manager.submit("noop", {"a": 2}, idempotency_key="k1")
+
+
+class Gate:
+    """Holds its job running until ``opened`` is set; records attempts seen."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.opened = asyncio.Event()
+        self.attempts: list[tuple[str, int]] = []
+
+    async def execute(self, job: Job, ctx: RunContext) -> None:
+        self.attempts.append((job.params.get("name", ""), ctx.attempt))
+        if job.params.get("hold"):
+            self.entered.set()
+            await self.opened.wait()
+
+
+async def test_lifecycle_job_canceled_and_retried_before_pickup_runs_once(
+    make_manager: ManagerFactory,
+) -> None:
+    """A job canceled then retried while it waits runs once, as its new attempt.
+
+    Its first queue entry is stale by the time the busy worker gets to it: the
+    worker must start the retried attempt, not drop the job or run it twice.
+    """
+    gate = Gate()
+    registry = TaskRegistry()
+    registry.add("gate", gate)
+    manager = await make_manager(registry, worker_count=1)
+
+    blocker = await manager.submit("gate", {"hold": True, "name": "blocker"})
+    await asyncio.wait_for(gate.entered.wait(), 10)
+    job = await manager.submit("gate", {"name": "waiter"})
+    await manager.cancel(job.id)
+    retried = await manager.retry(job.id)
+    assert retried.status == JobStatus.queued and retried.attempt == 2
+    gate.opened.set()
+
+    done = await wait_for(manager, job.id, "done")
+    await wait_for(manager, blocker.id, "done")
+    assert done.attempt == 2
+    assert gate.attempts == [("blocker", 1), ("waiter", 2)]

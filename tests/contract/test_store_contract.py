@@ -416,3 +416,35 @@ async def test_update_many_rejects_an_unknown_field(
     job, _ = await store.create(make_job(clock))
     with pytest.raises(ValueError, match="not a job field"):
         await store.update_many([Update(job.id, {"colour": "red"})])
+
+
+async def test_apply_says_whether_the_compare_and_set_landed(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job, _ = await store.create(make_job(clock))
+    start = Update(
+        job.id,
+        {"status": JobStatus.running, "worker_id": "w1"},
+        expect_status={JobStatus.queued},
+        expect_attempt=1,
+    )
+    assert await store.apply(start) is True
+    # The same start again misses: the job is no longer queued.
+    assert await store.apply(start) is False
+    finish = Update(
+        job.id,
+        {"status": JobStatus.done, "progress": Progress(percent=100)},
+        expect_status={JobStatus.running},
+        expect_worker="w2",
+    )
+    assert await store.apply(finish) is False
+    assert await store.apply(Update("no-such-job", {"priority": 1})) is False
+    stored = await store.get(job.id)
+    assert stored is not None
+    assert (stored.status, stored.worker_id) == (JobStatus.running, "w1")
+    assert await store.apply(
+        Update(job.id, finish.fields, expect_worker="w1", expect_attempt=1)
+    )
+    stored = await store.get(job.id)
+    assert stored is not None and stored.status == JobStatus.done
+    assert stored.progress.percent == 100
