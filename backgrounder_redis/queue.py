@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -53,8 +53,10 @@ redis.call('LTRIM', KEYS[6], 0, 63)
 return 1
 """
 
+# ARGV: now, claim-lease deadline, how many at most. Returns the next due time
+# of a delayed id ('' when none, or when ids were claimed), then the ids.
 _CLAIM = """
-local now, deadline = tonumber(ARGV[1]), ARGV[2]
+local now, deadline, limit = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(due) do
   local priority = tonumber(redis.call('HGET', KEYS[4], id) or '50')
@@ -62,21 +64,28 @@ for _, id in ipairs(due) do
   redis.call('ZADD', KEYS[1], (100 - priority) * 1099511627776 + seq, id)
   redis.call('ZREM', KEYS[2], id)
 end
-local popped = redis.call('ZPOPMIN', KEYS[1])
+local popped = redis.call('ZPOPMIN', KEYS[1], limit)
 if popped[1] then
-  redis.call('ZADD', KEYS[3], deadline, popped[1])
-  return {popped[1], ''}
+  local out = {''}
+  for i = 1, #popped, 2 do
+    redis.call('ZADD', KEYS[3], deadline, popped[i])
+    out[#out + 1] = popped[i]
+  end
+  return out
 end
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if nxt[2] then return {'', nxt[2]} end
-return {'', ''}
+if nxt[2] then return {nxt[2]} end
+return {''}
 """
 
+# ARGV: the ids to ack.
 _ACK = """
-if redis.call('ZREM', KEYS[3], ARGV[1]) == 1
-   and not redis.call('ZSCORE', KEYS[1], ARGV[1])
-   and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
-  redis.call('HDEL', KEYS[4], ARGV[1])
+for _, id in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[3], id) == 1
+     and not redis.call('ZSCORE', KEYS[1], id)
+     and not redis.call('ZSCORE', KEYS[2], id) then
+    redis.call('HDEL', KEYS[4], id)
+  end
 end
 return 1
 """
@@ -165,8 +174,7 @@ class RedisQueue(RedisBackend, JobQueue):
             await self.client.ping()
 
     async def _run(self, name: str, *args: Any) -> Any:
-        async with self._errors(name):
-            return await self._scripts[name](keys=self.keys, args=list(args))
+        return await self._script(name, self.keys, args)
 
     async def push(
         self, job_id: str, *, priority: int, delay_seconds: float = 0.0
@@ -182,28 +190,56 @@ class RedisQueue(RedisBackend, JobQueue):
         self, *, worker_id: str, lease_seconds: float, timeout_seconds: float
     ) -> str | None:
         """Claim the best id, blocking on the wake-up list up to the timeout."""
+        ids = await self.claim_many(
+            worker_id=worker_id,
+            lease_seconds=lease_seconds,
+            timeout_seconds=timeout_seconds,
+            limit=1,
+        )
+        return ids[0] if ids else None
+
+    async def claim_many(
+        self,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        timeout_seconds: float,
+        limit: int,
+    ) -> list[str]:
+        """Claim up to ``limit`` of the best ids in one script, each with its
+        lease; block on the wake-up list only while none is claimable."""
+        if limit < 1:
+            return []
         deadline = self._clock.monotonic() + timeout_seconds
         while True:
             now = self._now()
-            job_id, next_due = await self._run(
-                "claim", repr(now), repr(now + lease_seconds)
+            next_due, *ids = await self._run(
+                "claim", repr(now), repr(now + lease_seconds), limit
             )
-            if job_id:
-                logger.debug("job %s claimed by %s", job_id, worker_id)
-                return str(job_id)
+            if ids:
+                if logger.isEnabledFor(logging.DEBUG):
+                    for job_id in ids:
+                        logger.debug("job %s claimed by %s", job_id, worker_id)
+                return [str(job_id) for job_id in ids]
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
-                return None
+                return []
             wait = min(remaining, self.settings.max_block_seconds)
             if next_due:
                 wait = min(wait, float(next_due) - now)
             # BLPOP's timeout 0 means forever: never ask for less than 10 ms.
+            # It runs on a pooled connection of its own, never the pipeline's.
             async with self._errors("wait"):
                 await self.client.blpop([self.keys[5]], timeout=max(0.01, wait))
 
     async def ack(self, job_id: str) -> None:
         """Drop a claimed id for good."""
         await self._run("ack", job_id)
+
+    async def ack_many(self, job_ids: Sequence[str]) -> None:
+        """Drop claimed ids for good, in one script."""
+        if job_ids:
+            await self._run("ack", *job_ids)
 
     async def remove(self, job_id: str) -> bool:
         """Drop a waiting id; return True if it was waiting."""
@@ -222,22 +258,18 @@ class RedisQueue(RedisBackend, JobQueue):
 
     async def size(self) -> int:
         """Return how many ids wait (ready and delayed)."""
-        async with self._errors("size"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.zcard(self.keys[0])
-                pipe.zcard(self.keys[1])
-                ready, delayed = await pipe.execute()
+        ready, delayed = await self._call_many(
+            "size", [("ZCARD", self.keys[0]), ("ZCARD", self.keys[1])]
+        )
         return int(ready) + int(delayed)
 
     async def in_flight(self) -> int:
         """Return how many ids are claimed and not yet acked."""
-        async with self._errors("size"):
-            return int(await self.client.zcard(self.keys[2]))
+        return int(await self._call("size", "ZCARD", self.keys[2]))
 
     async def publish_cancel(self, job_id: str) -> None:
         """Publish a cancel to every worker process listening."""
-        async with self._errors("publish"):
-            await self.client.publish(self.channel, job_id)
+        await self._call("publish", "PUBLISH", self.channel, job_id)
 
     def cancellations(self) -> AsyncIterator[str]:
         """Return an iterator of published cancels that resubscribes on its own."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ from backgrounder.models import Job, JobPage, JobStatus
 from backgrounder.store.base import (
     APPEND_ERROR,
     JobStore,
+    Update,
     decode_row,
     encode_field,
     to_epoch,
@@ -108,8 +109,9 @@ return {1, redis.call('HGETALL', k)}
 # attempt or '', expected worker or '' (with ARGV[7] = '1' when it is checked),
 # expected cancel_requested ('0', '1' or '' for any), then op, field, value
 # triples: op 's' sets, 'd' deletes, 'a' appends a JSON
-# value to the JSON list in field.
-_UPDATE = (
+# value to the JSON list in field. _UPDATE returns the job after the write,
+# _APPLY only 1 (both return nil on a miss).
+_CAS = (
     _INDEX
     + """
 local p, id, now = ARGV[1], ARGV[2], ARGV[3]
@@ -149,9 +151,10 @@ for i = 9, #ARGV, 3 do
 end
 if not touched then redis.call('HSET', k, 'updated_at', now) end
 reindex(p, id, k, cur[1])
-return redis.call('HGETALL', k)
 """
 )
+_UPDATE = _CAS + "return redis.call('HGETALL', k)\n"
+_APPLY = _CAS + "return 1\n"
 
 
 def _text(value: Any) -> str:
@@ -188,7 +191,7 @@ class RedisStore(RedisBackend, JobStore):
 
     kind = "store"
     error_type = StoreError
-    script_bodies = {"create": _CREATE, "update": _UPDATE}
+    script_bodies = {"create": _CREATE, "update": _UPDATE, "apply": _APPLY}
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -221,25 +224,25 @@ class RedisStore(RedisBackend, JobStore):
             value = encode_field(name, getattr(job, name))
             if value is not None:
                 args += [name, _text(value)]
-        async with self._errors("create"):
-            created, flat = await self._scripts["create"](keys=[], args=args)
+        created, flat = await self._script("create", (), args)
         return _decode(flat), bool(created)
 
     async def get(self, job_id: str) -> Job | None:
         """Return the job, or None."""
-        async with self._errors("get"):
-            flat = await self.client.hgetall(self._key(job_id))
+        flat = await self._call("get", "HGETALL", self._key(job_id))
         return _decode(flat) if flat else None
 
-    async def _get_many(self, ids: builtins.list[str]) -> builtins.list[Job]:
-        if not ids:
+    async def get_many(self, job_ids: Sequence[str]) -> builtins.list[Job | None]:
+        """Return the jobs (None for an unknown id) in order, in one round trip."""
+        if not job_ids:
             return []
-        async with self._errors("get"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hgetall(self._key(job_id))
-                rows = await pipe.execute()
-        return [_decode(row) for row in rows if row]
+        rows = await self._call_many(
+            "get", [("HGETALL", self._key(job_id)) for job_id in job_ids]
+        )
+        return [_decode(row) if row else None for row in rows]
+
+    async def _get_many(self, ids: builtins.list[str]) -> builtins.list[Job]:
+        return [job for job in await self.get_many(ids) if job is not None]
 
     async def list(
         self,
@@ -300,24 +303,64 @@ class RedisStore(RedisBackend, JobStore):
         expect_cancel_requested: bool | None = None,
     ) -> Job | None:
         """Compare-and-set the named fields in one Lua script."""
-        args: list[Any] = [
+        args = self._update_args(
+            Update(
+                job_id,
+                fields,
+                expect_status=expect_status,
+                expect_attempt=expect_attempt,
+                expect_worker=expect_worker,
+                expect_cancel_requested=expect_cancel_requested,
+            )
+        )
+        if args is None:
+            return None
+        flat = await self._script("update", (), args)
+        return _decode(flat) if flat else None
+
+    async def update_many(self, updates: Sequence[Update]) -> builtins.list[Job | None]:
+        """Run each compare-and-set as its own script, all in one round trip.
+
+        Each one is exactly ``update``: atomic on its own, missing on its own.
+        """
+        argv = [self._update_args(u) for u in updates]
+        commands = [
+            self._script_args("update", (), args) for args in argv if args is not None
+        ]
+        replies = iter(await self._call_many("update", commands) if commands else [])
+        results: builtins.list[Job | None] = []
+        for args in argv:
+            flat = next(replies) if args is not None else None
+            results.append(_decode(flat) if flat else None)
+        return results
+
+    async def apply(self, update: Update) -> bool:
+        """Compare-and-set as ``update`` does, without reading the job back."""
+        args = self._update_args(update)
+        if args is None:
+            return False
+        return bool(await self._script("apply", (), args))
+
+    def _update_args(self, u: Update) -> builtins.list[Any] | None:
+        """Return the update script's ARGV, or None when it cannot match."""
+        args: builtins.list[Any] = [
             self.prefix,
-            job_id,
+            u.job_id,
             repr(to_epoch(self._clock.now())),
             "",
-            "" if expect_attempt is None else str(expect_attempt),
-            expect_worker or "",
-            "0" if expect_worker is None else "1",
+            "" if u.expect_attempt is None else str(u.expect_attempt),
+            u.expect_worker or "",
+            "0" if u.expect_worker is None else "1",
             ""
-            if expect_cancel_requested is None
-            else str(int(expect_cancel_requested)),
+            if u.expect_cancel_requested is None
+            else str(int(u.expect_cancel_requested)),
         ]
-        if expect_status is not None:
-            statuses = [str(s) for s in expect_status]
+        if u.expect_status is not None:
+            statuses = [str(s) for s in u.expect_status]
             if not statuses:
                 return None
             args[3] = ",".join(statuses)
-        for name, value in fields.items():
+        for name, value in u.fields.items():
             if name == APPEND_ERROR:
                 args += ["a", "errors", encode_field(name, value)]
                 continue
@@ -328,9 +371,7 @@ class RedisStore(RedisBackend, JobStore):
                 args += ["d", name, ""]
             else:
                 args += ["s", name, _text(encoded)]
-        async with self._errors("update"):
-            flat = await self._scripts["update"](keys=[], args=args)
-        return _decode(flat) if flat else None
+        return args
 
     async def find_expired(
         self, now: datetime, *, limit: int = 100
@@ -370,9 +411,7 @@ class RedisStore(RedisBackend, JobStore):
     async def count_by_status(self) -> dict[JobStatus, int]:
         """Return counts per status (every status present, zero included)."""
         statuses = list(JobStatus)
-        async with self._errors("count"):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for s in statuses:
-                    pipe.zcard(f"{self.prefix}:status:{s}")
-                counts = await pipe.execute()
+        counts = await self._call_many(
+            "count", [("ZCARD", f"{self.prefix}:status:{s}") for s in statuses]
+        )
         return {s: int(c) for s, c in zip(statuses, counts, strict=True)}

@@ -165,3 +165,67 @@ async def test_push_again_keeps_the_place_of_a_ready_id(queue: JobQueue) -> None
     await queue.push("new", priority=50)
     await queue.push("old", priority=50)
     assert await drain(queue) == ["old", "new"]
+
+
+async def claim_many(queue: JobQueue, limit: int, lease: float = 30.0) -> list[str]:
+    return await queue.claim_many(
+        worker_id="w", lease_seconds=lease, timeout_seconds=0, limit=limit
+    )
+
+
+async def test_claim_many_takes_the_best_ids_up_to_the_limit(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    for job_id, priority in [("a", 10), ("b", 90), ("c", 50), ("d", 90), ("e", 10)]:
+        await queue.push(job_id, priority=priority)
+    await queue.push("later", priority=100, delay_seconds=10)
+    assert await claim_many(queue, 3) == ["b", "d", "c"]
+    assert await claim_many(queue, 10) == ["a", "e"]
+    assert await claim_many(queue, 10) == []
+    clock.advance(11)
+    assert await claim_many(queue, 10) == ["later"]
+
+
+async def test_claim_many_gives_each_id_its_own_lease(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    for job_id in ("a", "b", "c"):
+        await queue.push(job_id, priority=50)
+    assert await claim_many(queue, 3, lease=5) == ["a", "b", "c"]
+    await queue.ack_many(["a", "c"])
+    clock.advance(6)
+    assert await queue.recover_expired() == 1
+    assert await claim_many(queue, 3, lease=5) == ["b"]
+    await queue.ack_many([])
+    clock.advance(6)
+    assert await queue.recover_expired() == 1
+
+
+async def test_acked_many_never_return(queue: JobQueue, clock: FakeClock) -> None:
+    for job_id in ("a", "b"):
+        await queue.push(job_id, priority=50)
+    assert await claim_many(queue, 2, lease=5) == ["a", "b"]
+    await queue.ack_many(["a", "b"])
+    clock.advance(10)
+    assert await queue.recover_expired() == 0
+    assert await claim_many(queue, 2) == []
+
+
+async def test_blocked_claim_many_wakes_on_push(queue: JobQueue) -> None:
+    waiter = asyncio.create_task(
+        queue.claim_many(worker_id="w", lease_seconds=30, timeout_seconds=60, limit=5)
+    )
+    await asyncio.sleep(0.05)  # let the claim reach its wait; not a synchronisation
+    assert not waiter.done()
+    await queue.push("x", priority=50)
+    async with asyncio.timeout(5):
+        assert await waiter == ["x"]
+
+
+async def test_concurrent_claim_many_take_each_id_once(queue: JobQueue) -> None:
+    for i in range(25):
+        await queue.push(f"j{i}", priority=50)
+    results = await asyncio.gather(*[claim_many(queue, 4) for _ in range(10)])
+    taken = [job_id for batch in results for job_id in batch]
+    assert all(len(batch) <= 4 for batch in results)
+    assert sorted(taken) == sorted(f"j{i}" for i in range(25))

@@ -348,6 +348,76 @@ async def test_text_json_cannot_spell_round_trips(
     assert [j.error for j in page.items] == [error]
 
 
+async def test_get_many_keeps_order_and_gives_none_for_unknown(
+    store: JobStore, clock: FakeClock
+) -> None:
+    a, _ = await store.create(make_job(clock))
+    b, _ = await store.create(make_job(clock, task="other"))
+    assert await store.get_many([b.id, "nope", a.id]) == [b, None, a]
+    assert await store.get_many([]) == []
+
+
+async def test_update_many_is_each_update_on_its_own(
+    store: JobStore, clock: FakeClock
+) -> None:
+    jobs = [(await store.create(make_job(clock)))[0] for _ in range(4)]
+    await store.update(jobs[1].id, {"status": JobStatus.running, "worker_id": "w1"})
+    running = {"status": JobStatus.running, "worker_id": "w2"}
+    clock.advance(1)
+    results = await store.update_many(
+        [
+            Update(jobs[0].id, running, expect_status={JobStatus.queued}),
+            Update(jobs[1].id, running, expect_status={JobStatus.queued}),
+            Update(jobs[2].id, running, expect_attempt=2),
+            Update(jobs[3].id, running, expect_worker="w9"),
+            Update("nope", running),
+            Update(jobs[3].id, {"priority": 7}, expect_status=()),
+            Update(jobs[3].id, {"priority": 3}, expect_cancel_requested=False),
+        ]
+    )
+    first, second, third, fourth, unknown, empty, last = results
+    assert first is not None and first.status == JobStatus.running
+    assert first.worker_id == "w2" and first.updated_at == clock.now()
+    assert second is None and third is None and fourth is None
+    assert unknown is None and empty is None
+    assert last is not None and last.priority == 3
+    stored = await store.get_many([j.id for j in jobs])
+    assert [j.worker_id if j else None for j in stored] == ["w2", "w1", None, None]
+    assert await store.update_many([]) == []
+
+
+async def test_only_one_of_concurrent_batched_transitions_wins(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job, _ = await store.create(make_job(clock))
+    batches = await asyncio.gather(
+        *[
+            store.update_many(
+                [
+                    Update(
+                        job.id,
+                        {"status": JobStatus.running, "worker_id": f"w{i}"},
+                        expect_status={JobStatus.queued},
+                    )
+                ]
+            )
+            for i in range(10)
+        ]
+    )
+    winners = [r for batch in batches for r in batch if r is not None]
+    assert len(winners) == 1
+    stored = await store.get(job.id)
+    assert stored is not None and stored.worker_id == winners[0].worker_id
+
+
+async def test_update_many_rejects_an_unknown_field(
+    store: JobStore, clock: FakeClock
+) -> None:
+    job, _ = await store.create(make_job(clock))
+    with pytest.raises(ValueError, match="not a job field"):
+        await store.update_many([Update(job.id, {"colour": "red"})])
+
+
 async def test_apply_says_whether_the_compare_and_set_landed(
     store: JobStore, clock: FakeClock
 ) -> None:

@@ -38,16 +38,17 @@ async def test_b36b_worker_loop_crash_is_logged_and_restarted(
     """A claim loop that raises is logged with its worker id and jobs carry on."""
     app, manager = make_app(tmp_path, **backend_pair())
     async with serve(app) as client:
-        claim = manager.queue.claim
+        claim = manager.queue.claim_many
         crashed = asyncio.Event()
 
-        async def broken_claim(**kwargs: Any) -> str | None:
+        async def broken_claim(**kwargs: Any) -> list[str]:
             if not crashed.is_set():
                 crashed.set()
                 raise RuntimeError("queue plugin bug")
             return await claim(**kwargs)
 
-        manager.queue.claim = broken_claim  # type: ignore[method-assign]
+        # The worker claims through claim_many (a queue may not route it via claim).
+        manager.queue.claim_many = broken_claim  # type: ignore[method-assign]
         with caplog.at_level(logging.ERROR, logger="backgrounder.worker"):
             job = (await client.post(API, json={"task": "noop"})).json()
             await crashed.wait()
@@ -248,17 +249,17 @@ async def test_b47_health_503_when_worker_dies_and_200_after_restart(
     app, manager = make_app(tmp_path, **backend_pair())
     async with serve(app) as client:
         assert (await client.get(f"{API}/_health")).status_code == 200
-        claim = manager.queue.claim
+        claim = manager.queue.claim_many
         killed = False
 
-        async def deadly_claim(**kwargs: Any) -> str | None:
+        async def deadly_claim(**kwargs: Any) -> list[str]:
             nonlocal killed
             if not killed:
                 killed = True
                 raise _Crash
             return await claim(**kwargs)
 
-        manager.queue.claim = deadly_claim  # type: ignore[method-assign]
+        manager.queue.claim_many = deadly_claim  # type: ignore[method-assign]
         await until(lambda: not manager.worker.status()["alive"])
         dead = await client.get(f"{API}/_health")
 

@@ -1,0 +1,122 @@
+"""The Redis backends' pipelined connection keeps each caller's reply its own.
+
+Commands of many tasks share one connection and replies are matched to callers
+by order, so a caller that goes away mid-flight must not shift the replies of
+the others. Run on fakeredis and, when BACKGROUNDER_REDIS_URL is set, on the
+real server (where the hiredis wire is used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from backgrounder.models import Job, JobStatus
+from backgrounder.store.base import Update
+from backgrounder_redis import RedisStore
+from backgrounder_testing import FakeClock
+
+pytestmark = pytest.mark.redis
+
+REDIS_URL = os.environ.get("BACKGROUNDER_REDIS_URL")
+
+
+@pytest.fixture(
+    params=[
+        "fakeredis",
+        pytest.param(
+            "redis",
+            marks=pytest.mark.skipif(
+                not REDIS_URL, reason="BACKGROUNDER_REDIS_URL is not set"
+            ),
+        ),
+    ]
+)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    prefix = f"bgtest:{uuid.uuid4().hex[:12]}"
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis(decode_responses=True)
+        built = RedisStore("redis://fake/0", prefix=prefix, client=client)
+    else:
+        assert REDIS_URL
+        built = RedisStore(REDIS_URL, prefix=prefix)
+    await built.open(FakeClock())
+    yield built
+    await built.close()
+    if REDIS_URL and request.param == "redis":
+        admin = aioredis.Redis.from_url(REDIS_URL)
+        keys = [k async for k in admin.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()
+
+
+async def make_jobs(store: RedisStore, count: int) -> list[Job]:
+    now = store._clock.now()
+    jobs = []
+    for i in range(count):
+        job = Job(id=f"j{i}", task="t", params={"i": i}, created_at=now, updated_at=now)
+        jobs.append((await store.create(job))[0])
+    return jobs
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3], ids=["queued", "written", "later"])
+async def test_cancelled_callers_leave_the_others_replies_in_order(
+    store: RedisStore, turns: int
+) -> None:
+    jobs = await make_jobs(store, 20)
+    tasks = [asyncio.create_task(store.get(job.id)) for job in jobs]
+    for _ in range(turns):  # loop turns, not time: queued, then written, ...
+        await asyncio.sleep(0)
+    for task in tasks[::2]:
+        task.cancel()
+    results: list[Any] = await asyncio.gather(*tasks, return_exceptions=True)
+    for job, result in list(zip(jobs, results, strict=True))[1::2]:
+        assert isinstance(result, Job) and result.id == job.id
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[::2])
+    # Later calls on the same connection still get their own replies.
+    assert [j.id if j else None for j in await store.get_many(["j3", "x", "j0"])] == [
+        "j3",
+        None,
+        "j0",
+    ]
+
+
+async def test_a_cancelled_batch_still_writes_and_keeps_order(
+    store: RedisStore,
+) -> None:
+    jobs = await make_jobs(store, 5)
+    batch = asyncio.create_task(
+        store.update_many([Update(job.id, {"priority": 7}) for job in jobs])
+    )
+    await asyncio.sleep(0)
+    batch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await batch
+    after = await store.get_many([job.id for job in jobs])
+    # The writes were sent before the cancel: each landed whole or not at all.
+    assert {j.priority for j in after if j is not None} <= {7, jobs[0].priority}
+    assert [j.id for j in after if j is not None] == [job.id for job in jobs]
+
+
+async def test_scripts_are_loaded_again_after_the_server_forgets_them(
+    store: RedisStore,
+) -> None:
+    (job,) = await make_jobs(store, 1)
+    await store.client.script_flush()
+    updated = await store.update(
+        job.id, {"status": JobStatus.running}, expect_status={JobStatus.queued}
+    )
+    assert updated is not None and updated.status == JobStatus.running
+    results = await store.update_many(
+        [Update(job.id, {"priority": 3}), Update("none", {"priority": 3})]
+    )
+    assert results[0] is not None and results[0].priority == 3
+    assert results[1] is None
