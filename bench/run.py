@@ -622,11 +622,11 @@ async def _run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             s["progress"] = await bench_progress(args.progress_calls, folder / "g.db")
             print("progress", s["progress"], flush=True)
         if want("scale"):
-            for count in (1000, args.scale):
+            for count in sorted({1000, args.scale}):
                 key = f"scale_sqlite_{count}"
                 s[key] = await bench_scale_sqlite(count, folder)
                 print(key, s[key], flush=True)
-            for count in (1000, args.redis_scale):
+            for count in sorted({1000, args.redis_scale}):
                 key = f"scale_redis_{count}"
                 s[key] = await bench_scale_redis(count, args.redis_url)
                 print(key, s[key], flush=True)
@@ -665,7 +665,7 @@ def main() -> None:
         "progress_calls": 200_000,
         "http_seconds": 10.0,
         "scale": 1_000_000,
-        "redis_scale": 100_000,
+        "redis_scale": 1_000_000,
     }
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
