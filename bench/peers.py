@@ -1,9 +1,12 @@
 """Throughput of peer queues (arq, SAQ) on the same Redis, for side-by-side ratios.
 
-Each system runs one worker process with 10 concurrent slots; its no-op task
-increments one Redis counter, the same for every system, and the time is taken
-from the first enqueue to the moment the counter reaches N. Worker CPU per job
-comes from the worker process's CPU times.
+Each system runs one worker process with 10 concurrent slots and the same
+no-op task (an empty coroutine, as backgrounder's ``bench/tasks.py`` ``noop``).
+The worker counts finished jobs in its own after-job hook (arq's
+``after_job_end``, SAQ's ``after_process``, both called once the job's result is
+recorded) and prints one line when the N-th has finished; the time is taken
+from the first enqueue to that line, so counting adds no Redis round trip.
+Worker CPU per job comes from the worker process's CPU times.
 
     python bench/peers.py arq --jobs 10000
     python bench/peers.py saq --jobs 10000
@@ -26,26 +29,33 @@ from typing import Any
 import psutil
 import redis.asyncio as aioredis
 
-COUNTER = "bench:done:{run}"
+DONE_LINE = "bench: all jobs finished"
 
 
 # ------------------------------------------------------------------ workers
 
 
-_state: dict[str, Any] = {}
+_finished = {"count": 0, "target": 0}
 
 
 async def noop(ctx: dict[str, Any]) -> None:
-    """The no-op task of every system: count one completion."""
-    await _state["client"].incr(_state["counter"])
+    """The no-op task of every system."""
+    return None
 
 
-def _arq_worker(url: str, run: str, concurrency: int) -> None:
+async def _count_one(ctx: Any) -> None:
+    """After-job hook: count a finished job; say so once all have finished."""
+    _finished["count"] += 1
+    if _finished["count"] == _finished["target"]:
+        sys.stdout.write(DONE_LINE + "\n")
+        sys.stdout.flush()
+
+
+def _arq_worker(url: str, run: str, concurrency: int, jobs: int) -> None:
     from arq.connections import RedisSettings
     from arq.worker import Worker
 
-    _state["client"] = aioredis.Redis.from_url(url)
-    _state["counter"] = COUNTER.format(run=run)
+    _finished["target"] = jobs
     worker = Worker(
         functions=[noop],  # type: ignore[list-item]
         redis_settings=RedisSettings.from_dsn(url),
@@ -54,19 +64,21 @@ def _arq_worker(url: str, run: str, concurrency: int) -> None:
         poll_delay=0.005,
         keep_result=0,
         handle_signals=True,
+        after_job_end=_count_one,
     )
     worker.run()
 
 
-def _saq_worker(url: str, run: str, concurrency: int) -> None:
+def _saq_worker(url: str, run: str, concurrency: int, jobs: int) -> None:
     from saq import Queue, Worker
 
-    _state["client"] = aioredis.Redis.from_url(url)
-    _state["counter"] = COUNTER.format(run=run)
+    _finished["target"] = jobs
 
     async def main() -> None:
         queue = Queue.from_url(url, name=f"bench-saq-{run}")
-        worker = Worker(queue, functions=[noop], concurrency=concurrency)
+        worker = Worker(
+            queue, functions=[noop], concurrency=concurrency, after_process=_count_one
+        )
         await worker.start()
 
     asyncio.run(main())
@@ -107,7 +119,6 @@ async def measure(
     """Run ``jobs`` no-op jobs through ``system``; return jobs/s and CPU per job."""
     run = uuid.uuid4().hex[:8]
     client = aioredis.Redis.from_url(url)
-    counter = COUNTER.format(run=run)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -120,10 +131,22 @@ async def measure(
             run,
             "--concurrency",
             str(concurrency),
+            "--jobs",
+            str(jobs),
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
+    assert proc.stdout is not None
+    stdout = proc.stdout
+
+    def finished() -> None:
+        for line in stdout:
+            if line.strip() == DONE_LINE:
+                return
+        raise RuntimeError(f"{system}: the worker exited before all jobs finished")
+
     try:
         await asyncio.sleep(2.0)  # let the worker connect and go idle
         worker = psutil.Process(proc.pid)
@@ -132,11 +155,7 @@ async def measure(
         enqueue = _enqueue_arq if system == "arq" else _enqueue_saq
         await enqueue(url, run, jobs)
         submitted = time.perf_counter()
-        deadline = started + 600
-        while int(await client.get(counter) or 0) < jobs:
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"{system}: jobs not done within 600 s")
-            await asyncio.sleep(0.005)
+        await asyncio.wait_for(asyncio.to_thread(finished), 600)
         elapsed = time.perf_counter() - started
         cpu = sum(worker.cpu_times()[:2]) - cpu_before
     finally:
@@ -145,7 +164,6 @@ async def measure(
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-        await client.delete(counter)
         async for key in client.scan_iter(match=f"*{run}*"):
             await client.delete(key)
         await client.aclose()
@@ -178,10 +196,11 @@ def main() -> None:
     w.add_argument("--redis-url", required=True)
     w.add_argument("--run", required=True)
     w.add_argument("--concurrency", type=int, default=10)
+    w.add_argument("--jobs", type=int, required=True)
     args = parser.parse_args()
     if args.command == "worker":
         runner = _arq_worker if args.system == "arq" else _saq_worker
-        runner(args.redis_url, args.run, args.concurrency)
+        runner(args.redis_url, args.run, args.concurrency, args.jobs)
         return
     result = asyncio.run(
         measure(args.command, args.redis_url, args.jobs, args.concurrency)

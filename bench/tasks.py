@@ -1,4 +1,5 @@
-"""The task every throughput benchmark runs: an empty coroutine, as the peers run.
+"""The task every throughput benchmark runs: an empty coroutine, as the peers run
+(``noop`` in ``bench/peers.py``).
 
 ``backgrounder worker bench.tasks:registry`` loads it in a worker process.
 """
