@@ -17,7 +17,7 @@ from tests.conftest import ManagerFactory, wait_for
 
 
 @pytest.mark.all_backends
-async def test_shutdown_returns_a_running_job_uncharged(
+async def test_b35_shutdown_returns_a_running_job_uncharged(
     make_manager: ManagerFactory, clock: FakeClock
 ) -> None:
     """Past shutdown_grace_seconds the job is queued again as the same attempt."""
@@ -50,7 +50,7 @@ async def test_shutdown_returns_a_running_job_uncharged(
 
 
 @pytest.mark.all_backends
-async def test_shutdown_lets_a_job_finish_within_the_grace(
+async def test_b35_shutdown_lets_a_job_finish_within_the_grace(
     make_manager: ManagerFactory, clock: FakeClock
 ) -> None:
     """A job that ends during the grace is recorded done, not re-queued."""
@@ -97,7 +97,7 @@ async def test_events_wait_on_the_manager_clock(
 
 
 @pytest.mark.all_backends
-async def test_shutdown_during_a_claim_returns_the_job_uncharged(
+async def test_b35_shutdown_during_a_claim_returns_the_job_uncharged(
     make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A job claimed just as the worker stops is queued again as the same attempt.

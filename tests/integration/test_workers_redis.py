@@ -232,7 +232,7 @@ async def test_sigkill_mid_job_finishes_on_the_other_worker_as_attempt_2(
     assert pid_of(done) == survivor
 
 
-async def test_sigterm_mid_job_returns_it_uncharged(
+async def test_b35_sigterm_mid_job_returns_it_uncharged(
     manager: JobManager,
     http: httpx.AsyncClient,
     start_worker: StartWorker,
