@@ -64,7 +64,9 @@ end
 """
 
 # ARGV: prefix, id, now, idempotency key or '', expiry or '', ttl ms or '',
-# then field, value pairs.
+# then field, value pairs. Returns {2} for a job inserted now (the caller has its
+# fields), {1, hash} when the id is already stored, {0, hash} for the live job
+# that holds the idempotency key.
 _CREATE = (
     _INDEX
     + """
@@ -93,15 +95,12 @@ if key ~= '' then
   end
 end
 local seq = redis.call('INCR', p .. ':seq')
-for i = 7, #ARGV, 2 do
-  redis.call('HSET', k, ARGV[i], ARGV[i + 1])
-end
-redis.call('HSET', k, '_seq', seq)
+redis.call('HSET', k, '_seq', seq, unpack(ARGV, 7))
 if exp ~= '' then redis.call('HSET', k, '_idem_exp', exp) end
 redis.call('ZADD', p .. ':all', seq, id)
 redis.call('ZADD', p .. ':task:' .. redis.call('HGET', k, 'task'), seq, id)
 reindex(p, id, k, false)
-return {1, redis.call('HGETALL', k)}
+return {2}
 """
 )
 
@@ -224,7 +223,12 @@ class RedisStore(RedisBackend, JobStore):
             value = encode_field(name, getattr(job, name))
             if value is not None:
                 args += [name, _text(value)]
-        created, flat = await self._script("create", (), args)
+        reply = await self._script("create", (), args)
+        if reply[0] == 2:
+            # Inserted just now from these very fields: the stored hash decodes
+            # to this job (epoch floats round-trip to the microsecond).
+            return job, True
+        created, flat = reply
         return _decode(flat), bool(created)
 
     async def get(self, job_id: str) -> Job | None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backgrounder.models import (
     Assets,
@@ -19,7 +21,13 @@ from backgrounder.models import (
     ResourceRequest,
     Stage,
 )
-from backgrounder.store.base import APPEND_ERROR, JobStore, Update
+from backgrounder.store.base import (
+    APPEND_ERROR,
+    JobStore,
+    Update,
+    encode_field,
+    from_epoch,
+)
 from backgrounder_testing import FakeClock
 
 
@@ -55,6 +63,23 @@ async def test_create_then_get_returns_every_field(
     assert created
     assert stored == job
     assert await store.get(job.id) == job
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1970, 1, 2),
+        max_value=datetime(2200, 1, 1),
+        timezones=st.just(UTC),
+    )
+)
+def test_stored_times_read_back_to_the_microsecond(when: datetime) -> None:
+    """A create returns the job it was given, not a read-back of the stored row,
+    so every stored time must read back equal: epoch seconds as a float (SQLite
+    REAL, and its shortest repr in a Redis hash) keep every microsecond of any
+    date up to 2200."""
+    stored = encode_field("created_at", when)
+    assert from_epoch(stored) == when
+    assert from_epoch(float(repr(stored))) == when
 
 
 async def test_get_unknown_id_is_none(store: JobStore) -> None:
