@@ -139,7 +139,16 @@ async def run_demo(
     console.print(f"[bold]backgrounder demo[/] serving at {base}  (docs: {base}/docs)")
 
     watcher = asyncio.create_task(_submit_and_watch(base, params, console))
-    server.on_exit = [watcher.cancel]
+
+    def stopping() -> None:
+        if watcher.done():
+            console.print(
+                "stopping: finishing open requests and closing the job store "
+                "(a few seconds)"
+            )
+        watcher.cancel()
+
+    server.on_exit = [stopping]
     code = 1
     try:
         code = await watcher
@@ -268,6 +277,10 @@ async def _events(client: httpx.AsyncClient, url: str) -> AsyncIterator[dict[str
 
 def _report(job: dict[str, Any], console: Console) -> int:
     status = job.get("status")
+    if status == "canceled":
+        # Canceled on request (the curl line printed above): not a failure.
+        console.print(f"[yellow]job {job.get('id')} canceled[/]")
+        return 0
     if status != "done":
         error = job.get("error") or {}
         console.print(

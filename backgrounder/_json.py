@@ -57,7 +57,7 @@ def check_json(value: Any, *, path: str, max_depth: int) -> None:
                 stack.append((child, f"{where}[{index}]", depth + 1))
         else:
             raise InvalidParamsError(
-                f"{where} is a {type(item).__name__} ({_short(item)}), which JSON "
+                f"{where} is {_a(type(item).__name__)} ({_short(item)}), which JSON "
                 "cannot carry unchanged; convert it yourself (for example a "
                 "datetime to an ISO 8601 string, a set to a list)",
                 path=where,
@@ -90,3 +90,8 @@ def _short(value: Any) -> str:
     except Exception:
         text = object.__repr__(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _a(noun: str) -> str:
+    """Return ``noun`` with its indefinite article ("a set", "an object")."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"

@@ -58,7 +58,13 @@ def load_registry(target: str) -> TaskRegistry:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
-    registry = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise ConfigurationError(
+            f"module {module_name!r} has no attribute {attr!r}; name the "
+            "TaskRegistry defined there, for example "
+            f"{module_name}:registry"
+        )
+    registry = getattr(module, attr)
     if callable(registry) and not isinstance(registry, TaskRegistry):
         registry = registry()
     if not isinstance(registry, TaskRegistry):

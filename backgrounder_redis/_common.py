@@ -196,7 +196,8 @@ def translated(
         )
     if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | OSError):
         return error_type(
-            f"Redis {what} at {where} is unreachable: {exc}; retrying later"
+            f"Redis {what} at {where} is unreachable: {exc}; check that the "
+            "server is up and the URL is right"
         )
     return error_type(f"Redis {what} at {where} failed: {exc}")
 

@@ -102,3 +102,11 @@ def test_cli_help_lists_demo_and_jobs() -> None:
     assert code == 0
     for command in ("worker", "demo", "jobs"):
         assert command in output
+
+
+def test_cli_worker_names_a_missing_registry_attribute() -> None:
+    """A target whose module lacks the attribute says so, not "is NoneType"."""
+    code, output = run("worker", "examples.app:nope")
+    assert code == 2
+    assert "module 'examples.app' has no attribute 'nope'" in output
+    assert "NoneType" not in output

@@ -288,8 +288,9 @@ async def test_run_task_not_strict_returns_what_the_worker_records() -> None:
         ({"when": {1, 2}}, r"params.when is a set"),
         ([1, 2], r"params must be a JSON object"),
         ({"x": float("nan")}, r"params.x is nan"),
+        ({"x": object()}, r"params.x is an object \("),
     ],
-    ids=["set", "list", "nan"],
+    ids=["set", "list", "nan", "object"],
 )
 async def test_run_task_refuses_params_that_are_not_json(
     params: Any, expected: str

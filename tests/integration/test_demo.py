@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from typer.testing import CliRunner
 
 from backgrounder import Assets, Job, RunContext, hookimpl
+from backgrounder._demo import _report
 from backgrounder.cli import app as cli
 from backgrounder.models import JobEvent
 from examples.app import create_app, create_registry
@@ -187,3 +190,15 @@ def test_demo_once_serves_runs_the_job_and_prints_the_report(tmp_path: Path) -> 
     assert len(reports) == 1
     assert str(reports[0]) in result.output.replace("\n", "")
     assert json.loads(reports[0].read_text())["files"] == len(FILES)
+
+
+def test_demo_exit_code_says_failed_not_canceled() -> None:
+    """The demo's job canceled on request (the curl line it prints) exits 0, so
+    `nox -s demo` does not report a failure; a failed job exits 1 with its error."""
+    out = StringIO()
+    console = Console(file=out, width=200)
+    assert _report({"id": "j1", "status": "canceled"}, console) == 0
+    assert "job j1 canceled" in out.getvalue()
+    failed = {"id": "j2", "status": "failed", "error": {"message": "no such folder"}}
+    assert _report(failed, console) == 1
+    assert "job j2 ended failed: no such folder" in out.getvalue()
