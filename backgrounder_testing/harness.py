@@ -212,6 +212,7 @@ async def run_task(
 
     Added in 0.1.
     """
+    __tracebackhide__ = True  # a failure shows the test, not this harness
     params = {} if params is None else params
     check_params(
         params,
