@@ -712,7 +712,10 @@ class Worker:
         finally:
             if execution.flush_task is not None:
                 execution.flush_task.cancel()
-            self.running.pop(job.id, None)
+            # The id may belong to the job's next attempt already (a retry
+            # started in another slot while this one was recording): keep it.
+            if self.running.get(job.id) is execution:
+                del self.running[job.id]
             if released:
                 pass
             elif hold_slot_for_thread:
