@@ -111,6 +111,13 @@ class _Execution:
         self.poke()
 
 
+@dataclass
+class _Batch:
+    """One claim batch: how many of its jobs were launched (they hold slots)."""
+
+    started: int = 0
+
+
 class _JobFailed(Exception):
     """Internal: the runner's result could not be stored."""
 
@@ -398,9 +405,9 @@ class Worker:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
             taken, self._free = self._free, 0
-            started = 0
+            batch = _Batch()
             try:
-                started = await self._claim_batch(taken)
+                await self._claim_batch(taken, batch)
                 backoff = 0.1
             except BackendError as exc:
                 logger.warning(
@@ -413,12 +420,14 @@ class Worker:
                 await self.clock.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                for _ in range(taken - started):
+                # Jobs launched before a later step of the batch failed hold
+                # their slots (they free them when they end): count them too.
+                for _ in range(taken - batch.started):
                     self._release_slot()
             self._loop_error = None
 
-    async def _claim_batch(self, limit: int) -> int:
-        """Claim, admit and start up to ``limit`` jobs; return how many now run.
+    async def _claim_batch(self, limit: int, batch: _Batch) -> None:
+        """Claim, admit and start up to ``limit`` jobs, counted in ``batch``.
 
         Admission comes before a job is marked running: the claimed jobs are
         read, each one's resources are reserved, and only then are they moved
@@ -440,7 +449,7 @@ class Worker:
             limit=limit,
         )
         if not ids:
-            return 0
+            return
         # Jobs submitted in this process are known already; the rest are read.
         # A snapshot that turns out stale fails its compare-and-set below and
         # is read from the store and tried once more.
@@ -451,18 +460,17 @@ class Worker:
             jobs = [job if job is not None else next(found) for job in jobs]
         stale: list[str] = []
         deferred: list[Job] = []
-        started = await self._admit(
-            ids, jobs, deferred, stale, from_cache=len(missing) < len(ids)
+        await self._admit(
+            ids, jobs, deferred, stale, batch, from_cache=len(missing) < len(ids)
         )
         if stale:
             jobs = await manager.store.get_many(stale)
-            started += await self._admit(stale, jobs, deferred, [], from_cache=False)
+            await self._admit(stale, jobs, deferred, [], batch, from_cache=False)
         waiting = {job.id for job in deferred}
         acks = [job_id for job_id in ids if job_id not in waiting]
         await manager.queue.ack_many(acks)
         for job in deferred:
             await self._defer(job)
-        return started
 
     async def _admit(
         self,
@@ -470,10 +478,11 @@ class Worker:
         jobs: list[Job | None],
         deferred: list[Job],
         stale: list[str],
+        batch: _Batch,
         *,
         from_cache: bool,
-    ) -> int:
-        """Reserve, mark running and launch the claimed ``jobs``; return how many.
+    ) -> None:
+        """Reserve, mark running and launch the claimed ``jobs``, counted in ``batch``.
 
         Jobs that do not fit go to ``deferred``. With ``from_cache``, a job whose
         start fails its compare-and-set goes to ``stale`` to be read again.
@@ -496,7 +505,6 @@ class Worker:
                 deferred.append(job)
                 continue
             admitted.append((job, spec, reservation))
-        started = 0
         unknown: list[Job] = []
         try:
             if admitted:
@@ -516,7 +524,7 @@ class Worker:
                         unknown.append(running)
                     else:
                         self._launch(running, spec, reservation)
-                        started += 1
+                        batch.started += 1
                 admitted = []
         finally:
             # Reservations of jobs that never reached the store are given back.
@@ -524,7 +532,6 @@ class Worker:
                 manager.resources.release(reservation)
         for job in unknown:
             await self._fail_unknown_task(job)
-        return started
 
     async def _mark_running(self, jobs: list[Job]) -> list[Job | None]:
         """Move queued jobs to running with this worker's lease, in one call."""
