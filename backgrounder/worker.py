@@ -917,7 +917,12 @@ class Worker:
         exc = run.exception()
         if exc is None:
             try:
-                return _Outcome(kind="done", assets=_to_assets(run.result()))
+                assets = _to_assets(run.result())
+                if assets is None and not execution.ctx.assets.is_empty():
+                    # Nothing returned: what was attached along the way is the
+                    # output (the done write must not set it back to None).
+                    assets = execution.ctx.assets
+                return _Outcome(kind="done", assets=assets)
             except InvalidParamsError as bad:
                 return _Outcome(
                     kind="error",
