@@ -460,15 +460,33 @@ class Worker:
             jobs = [job if job is not None else next(found) for job in jobs]
         stale: list[str] = []
         deferred: list[Job] = []
+        unknown: list[Job] = []
         await self._admit(
-            ids, jobs, deferred, stale, batch, from_cache=len(missing) < len(ids)
+            ids,
+            jobs,
+            deferred,
+            stale,
+            unknown,
+            batch,
+            from_cache=len(missing) < len(ids),
         )
+        # Ack what was launched or dropped before anything else is awaited: a
+        # launched job that ends at once may queue its retry, and a queue
+        # ignores a push of an id whose claim is still open.
+        held = {*stale, *(job.id for job in deferred)}
+        await manager.queue.ack_many([job_id for job_id in ids if job_id not in held])
         if stale:
             jobs = await manager.store.get_many(stale)
-            await self._admit(stale, jobs, deferred, [], batch, from_cache=False)
-        waiting = {job.id for job in deferred}
-        acks = [job_id for job_id in ids if job_id not in waiting]
-        await manager.queue.ack_many(acks)
+            first = len(deferred)
+            await self._admit(
+                stale, jobs, deferred, [], unknown, batch, from_cache=False
+            )
+            waiting = {job.id for job in deferred[first:]}
+            await manager.queue.ack_many(
+                [job_id for job_id in stale if job_id not in waiting]
+            )
+        for job in unknown:
+            await self._fail_unknown_task(job)
         for job in deferred:
             await self._defer(job)
 
@@ -478,6 +496,7 @@ class Worker:
         jobs: list[Job | None],
         deferred: list[Job],
         stale: list[str],
+        unknown: list[Job],
         batch: _Batch,
         *,
         from_cache: bool,
@@ -485,7 +504,9 @@ class Worker:
         """Reserve, mark running and launch the claimed ``jobs``, counted in ``batch``.
 
         Jobs that do not fit go to ``deferred``. With ``from_cache``, a job whose
-        start fails its compare-and-set goes to ``stale`` to be read again.
+        start fails its compare-and-set goes to ``stale`` to be read again. Jobs
+        of tasks this worker does not know, made running, go to ``unknown`` for
+        the caller to fail once their claims are acked.
         """
         manager = self.manager
         admitted: list[tuple[Job, TaskSpec | None, Reservation | None]] = []
@@ -505,7 +526,6 @@ class Worker:
                 deferred.append(job)
                 continue
             admitted.append((job, spec, reservation))
-        unknown: list[Job] = []
         try:
             if admitted:
                 results = await self._mark_running([job for job, _, _ in admitted])
@@ -530,8 +550,6 @@ class Worker:
             # Reservations of jobs that never reached the store are given back.
             for _, _, reservation in admitted:
                 manager.resources.release(reservation)
-        for job in unknown:
-            await self._fail_unknown_task(job)
 
     async def _mark_running(self, jobs: list[Job]) -> list[Job | None]:
         """Move queued jobs to running with this worker's lease, in one call."""
