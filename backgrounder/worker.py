@@ -111,6 +111,13 @@ class _Execution:
         self.poke()
 
 
+@dataclass
+class _Batch:
+    """One claim batch: how many of its jobs were launched (they hold slots)."""
+
+    started: int = 0
+
+
 class _JobFailed(Exception):
     """Internal: the runner's result could not be stored."""
 
@@ -398,9 +405,9 @@ class Worker:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
             taken, self._free = self._free, 0
-            started = 0
+            batch = _Batch()
             try:
-                started = await self._claim_batch(taken)
+                await self._claim_batch(taken, batch)
                 backoff = 0.1
             except BackendError as exc:
                 logger.warning(
@@ -413,12 +420,14 @@ class Worker:
                 await self.clock.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                for _ in range(taken - started):
+                # Jobs launched before a later step of the batch failed hold
+                # their slots (they free them when they end): count them too.
+                for _ in range(taken - batch.started):
                     self._release_slot()
             self._loop_error = None
 
-    async def _claim_batch(self, limit: int) -> int:
-        """Claim, admit and start up to ``limit`` jobs; return how many now run.
+    async def _claim_batch(self, limit: int, batch: _Batch) -> None:
+        """Claim, admit and start up to ``limit`` jobs, counted in ``batch``.
 
         Admission comes before a job is marked running: the claimed jobs are
         read, each one's resources are reserved, and only then are they moved
@@ -440,7 +449,7 @@ class Worker:
             limit=limit,
         )
         if not ids:
-            return 0
+            return
         # Jobs submitted in this process are known already; the rest are read.
         # A snapshot that turns out stale fails its compare-and-set below and
         # is read from the store and tried once more.
@@ -451,18 +460,35 @@ class Worker:
             jobs = [job if job is not None else next(found) for job in jobs]
         stale: list[str] = []
         deferred: list[Job] = []
-        started = await self._admit(
-            ids, jobs, deferred, stale, from_cache=len(missing) < len(ids)
+        unknown: list[Job] = []
+        await self._admit(
+            ids,
+            jobs,
+            deferred,
+            stale,
+            unknown,
+            batch,
+            from_cache=len(missing) < len(ids),
         )
+        # Ack what was launched or dropped before anything else is awaited: a
+        # launched job that ends at once may queue its retry, and a queue
+        # ignores a push of an id whose claim is still open.
+        held = {*stale, *(job.id for job in deferred)}
+        await manager.queue.ack_many([job_id for job_id in ids if job_id not in held])
         if stale:
             jobs = await manager.store.get_many(stale)
-            started += await self._admit(stale, jobs, deferred, [], from_cache=False)
-        waiting = {job.id for job in deferred}
-        acks = [job_id for job_id in ids if job_id not in waiting]
-        await manager.queue.ack_many(acks)
+            first = len(deferred)
+            await self._admit(
+                stale, jobs, deferred, [], unknown, batch, from_cache=False
+            )
+            waiting = {job.id for job in deferred[first:]}
+            await manager.queue.ack_many(
+                [job_id for job_id in stale if job_id not in waiting]
+            )
+        for job in unknown:
+            await self._fail_unknown_task(job)
         for job in deferred:
             await self._defer(job)
-        return started
 
     async def _admit(
         self,
@@ -470,13 +496,17 @@ class Worker:
         jobs: list[Job | None],
         deferred: list[Job],
         stale: list[str],
+        unknown: list[Job],
+        batch: _Batch,
         *,
         from_cache: bool,
-    ) -> int:
-        """Reserve, mark running and launch the claimed ``jobs``; return how many.
+    ) -> None:
+        """Reserve, mark running and launch the claimed ``jobs``, counted in ``batch``.
 
         Jobs that do not fit go to ``deferred``. With ``from_cache``, a job whose
-        start fails its compare-and-set goes to ``stale`` to be read again.
+        start fails its compare-and-set goes to ``stale`` to be read again. Jobs
+        of tasks this worker does not know, made running, go to ``unknown`` for
+        the caller to fail once their claims are acked.
         """
         manager = self.manager
         admitted: list[tuple[Job, TaskSpec | None, Reservation | None]] = []
@@ -496,8 +526,6 @@ class Worker:
                 deferred.append(job)
                 continue
             admitted.append((job, spec, reservation))
-        started = 0
-        unknown: list[Job] = []
         try:
             if admitted:
                 results = await self._mark_running([job for job, _, _ in admitted])
@@ -516,15 +544,12 @@ class Worker:
                         unknown.append(running)
                     else:
                         self._launch(running, spec, reservation)
-                        started += 1
+                        batch.started += 1
                 admitted = []
         finally:
             # Reservations of jobs that never reached the store are given back.
             for _, _, reservation in admitted:
                 manager.resources.release(reservation)
-        for job in unknown:
-            await self._fail_unknown_task(job)
-        return started
 
     async def _mark_running(self, jobs: list[Job]) -> list[Job | None]:
         """Move queued jobs to running with this worker's lease, in one call."""
@@ -712,7 +737,10 @@ class Worker:
         finally:
             if execution.flush_task is not None:
                 execution.flush_task.cancel()
-            self.running.pop(job.id, None)
+            # The id may belong to the job's next attempt already (a retry
+            # started in another slot while this one was recording): keep it.
+            if self.running.get(job.id) is execution:
+                del self.running[job.id]
             if released:
                 pass
             elif hold_slot_for_thread:
@@ -907,7 +935,12 @@ class Worker:
         exc = run.exception()
         if exc is None:
             try:
-                return _Outcome(kind="done", assets=_to_assets(run.result()))
+                assets = _to_assets(run.result())
+                if assets is None and not execution.ctx.assets.is_empty():
+                    # Nothing returned: what was attached along the way is the
+                    # output (the done write must not set it back to None).
+                    assets = execution.ctx.assets
+                return _Outcome(kind="done", assets=assets)
             except InvalidParamsError as bad:
                 return _Outcome(
                     kind="error",
