@@ -94,48 +94,22 @@ class Flaky:
         return {"attempt": job.attempt}
 
 
-class SlowClaimQueue(MemoryQueue):
-    """A memory queue that pauses 50 ms after each dequeue, widening the window."""
+class _SlowClaim:
+    """Pauses 50 ms after each dequeue, widening the dequeue-to-start window."""
 
-    async def claim_many(
-        self,
-        *,
-        worker_id: str,
-        lease_seconds: float,
-        timeout_seconds: float,
-        limit: int,
-    ) -> list[str]:
-        ids = await super().claim_many(
-            worker_id=worker_id,
-            lease_seconds=lease_seconds,
-            timeout_seconds=timeout_seconds,
-            limit=limit,
-        )
+    async def claim_many(self, **claim: Any) -> list[str]:
+        ids: list[str] = await super().claim_many(**claim)  # type: ignore[misc]
         if ids:
             await asyncio.sleep(0.05)
         return ids
 
 
-class SlowClaimRedisQueue(RedisQueue):
-    """A Redis queue that pauses 50 ms after each dequeue, widening the window."""
+class SlowClaimQueue(_SlowClaim, MemoryQueue):
+    """A memory queue that pauses 50 ms after each dequeue."""
 
-    async def claim_many(
-        self,
-        *,
-        worker_id: str,
-        lease_seconds: float,
-        timeout_seconds: float,
-        limit: int,
-    ) -> list[str]:
-        ids = await super().claim_many(
-            worker_id=worker_id,
-            lease_seconds=lease_seconds,
-            timeout_seconds=timeout_seconds,
-            limit=limit,
-        )
-        if ids:
-            await asyncio.sleep(0.05)
-        return ids
+
+class SlowClaimRedisQueue(_SlowClaim, RedisQueue):
+    """A Redis queue that pauses 50 ms after each dequeue."""
 
 
 class FailingQueue(MemoryQueue):
