@@ -632,47 +632,49 @@ class RedisBackend:
                 future.set_exception(exc)
 
     async def _send(self, batch: list[_Pending]) -> None:
-        """One round trip for ``batch``; a stale connection is retried once."""
-        for attempt in (1, 2):
-            read = 0
-            try:
-                conn = self._conn
-                if conn is None:
-                    pool: Any = self.client.connection_pool
-                    conn = await pool.get_connection()
-                    self._conn = conn
-                await conn.send_packed_command(
-                    conn.pack_commands([args for args, _ in batch])
-                )
-                for args, future in batch:
-                    try:
-                        reply = await conn.read_response()
-                    except rexc.ResponseError as exc:
-                        reply = exc
-                    read += 1
-                    if future.done():
-                        continue
-                    if isinstance(reply, rexc.NoScriptError) and args[0] == "EVALSHA":
-                        # The server lost its scripts: EVAL runs and loads it.
-                        body = self._bodies[args[1]]
-                        self._pending.append((("EVAL", body, *args[2:]), future))
-                    elif isinstance(reply, Exception):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
-                return
-            except (rexc.RedisError, OSError) as exc:
-                # redis-py has dropped the socket; it connects again on next use.
-                await self._drop_connection()
-                if attempt == 1 and read == 0 and isinstance(exc, rexc.ConnectionError):
-                    # Most likely a connection the server closed while idle:
-                    # nothing was read, so send the whole batch once more.
+        """One round trip for ``batch``, never sent twice.
+
+        A batch whose connection fails is failed, not sent again: the server may
+        have run its commands before the reply was lost, and a compare-and-set
+        run twice would report that it did not land. (redis-py PINGs a
+        connection idle past ``health_check_interval`` before it writes, so a
+        connection the server closed while idle is made again first.)
+        """
+        read = 0
+        try:
+            conn = self._conn
+            if conn is None:
+                pool: Any = self.client.connection_pool
+                conn = await pool.get_connection()
+                self._conn = conn
+            await conn.send_packed_command(
+                conn.pack_commands([args for args, _ in batch])
+            )
+            for args, future in batch:
+                try:
+                    reply = await conn.read_response()
+                except rexc.ResponseError as exc:
+                    reply = exc
+                read += 1
+                if future.done():
                     continue
-                self._fail(batch, read, exc)
-                return
-            except BaseException:
-                await self._drop_connection()
-                raise
+                if isinstance(reply, rexc.NoScriptError) and args[0] == "EVALSHA":
+                    # The server lost its scripts: EVAL runs and loads it.
+                    body = self._bodies[args[1]]
+                    self._pending.append((("EVAL", body, *args[2:]), future))
+                elif isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+            return
+        except (rexc.RedisError, OSError) as exc:
+            # redis-py has dropped the socket; it connects again on next use.
+            await self._drop_connection()
+            self._fail(batch, read, exc)
+            return
+        except BaseException:
+            await self._drop_connection()
+            raise
 
     async def _drop_connection(self) -> None:
         conn = self._conn

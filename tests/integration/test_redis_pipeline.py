@@ -17,9 +17,11 @@ from typing import Any
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
+from redis import exceptions as redis_exc
 
-from backgrounder.models import Job, JobStatus
-from backgrounder.store.base import Update
+from backgrounder.errors import StoreError
+from backgrounder.models import ErrorCode, ErrorInfo, Job, JobStatus
+from backgrounder.store.base import APPEND_ERROR, Update
 from backgrounder_redis import RedisStore
 from backgrounder_testing import FakeClock
 
@@ -120,3 +122,42 @@ async def test_scripts_are_loaded_again_after_the_server_forgets_them(
     )
     assert results[0] is not None and results[0].priority == 3
     assert results[1] is None
+
+
+async def test_a_batch_whose_reply_is_lost_is_not_sent_again() -> None:
+    """The connection breaks after the server ran a write but before its reply:
+    the caller gets a StoreError and the write ran once (no replay that would
+    append the error twice, or make a compare-and-set report it missed).
+
+    fakeredis takes the redis-py connection path (no hiredis wire), the one
+    that used to send a failed batch a second time.
+    """
+    client = fakeredis.FakeAsyncRedis(decode_responses=True)
+    store = RedisStore(
+        "redis://fake/0", prefix=f"bgtest:{uuid.uuid4().hex[:12]}", client=client
+    )
+    await store.open(FakeClock())
+    try:
+        (job,) = await make_jobs(store, 1)
+        assert store._wire is None and store._conn is not None
+        conn = store._conn
+        real_read = conn.read_response
+        lost: list[Any] = []
+
+        async def read_then_drop(*args: Any, **kwargs: Any) -> Any:
+            reply = await real_read(*args, **kwargs)
+            if not lost:
+                lost.append(reply)
+                raise redis_exc.ConnectionError("connection reset after the write")
+            return reply
+
+        conn.read_response = read_then_drop
+        error = ErrorInfo(code=ErrorCode.execution_error, message="boom")
+        with pytest.raises(StoreError, match="connection reset"):
+            await store.update(job.id, {APPEND_ERROR: error})
+        assert lost, "the write reached the server"
+        stored = await store.get(job.id)
+        assert stored is not None
+        assert [e.message for e in stored.errors] == ["boom"]
+    finally:
+        await store.close()
