@@ -428,7 +428,7 @@ class JobManager:
             resources = spec.resources
         if resources is not None and resources.is_empty():
             resources = None
-        self.resources.check_submittable(resources)
+        self.resources.check_submittable(resources, only_here=not self.queue.shared)
         now = self.clock.now()
         return Job(
             id=_new_id(),

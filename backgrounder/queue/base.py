@@ -22,6 +22,10 @@ class JobQueue(abc.ABC):
     #: A short name for messages and health reports ("memory", "redis").
     name: str = "queue"
 
+    #: Whether workers of other processes take jobs from it too. False for a
+    #: queue in this process's memory: only this process's workers run its jobs.
+    shared: bool = True
+
     @abc.abstractmethod
     async def open(self, clock: Clock) -> None:
         """Connect; raise QueueError naming the cause if the queue is unreachable."""

@@ -32,6 +32,7 @@ class MemoryQueue(JobQueue):
     """
 
     name = "memory"
+    shared = False
 
     def __init__(self) -> None:
         self._clock: Clock = SystemClock()

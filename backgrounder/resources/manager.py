@@ -245,12 +245,15 @@ class ResourceManager:
 
     # ------------------------------------------------------------ submit check
 
-    def check_submittable(self, request: ResourceRequest | None) -> None:
+    def check_submittable(
+        self, request: ResourceRequest | None, *, only_here: bool = False
+    ) -> None:
         """Raise ResourceRequestError if ``request`` could never be admitted here.
 
         Only what does not change counts: the limits, the host's total memory and
         each device's total memory. With no GPU visible a GPU request is accepted,
-        since a worker on another host may have GPUs.
+        since a worker on another host may have GPUs, unless ``only_here`` says
+        that no other process takes jobs from this queue (a memory queue).
 
         Raises:
             ResourceRequestError: The message names the limit or device in the way.
@@ -280,6 +283,14 @@ class ResourceManager:
         wanted = request.gpus or 0
         gpus = self.read_gpus() if wanted else []
         if not gpus:
+            if wanted and only_here:
+                raise ResourceRequestError(
+                    f"resources asks for {wanted} GPU(s), but this worker sees no "
+                    "GPU and its queue is in this process's memory, so no other "
+                    "worker can take the job: it would wait forever; drop "
+                    "resources.gpus, or run workers that have GPUs on a shared "
+                    "queue (Redis)"
+                )
             return
         fitting = [g for g in gpus if g.memory_total_mb >= per_gpu]
         if len(fitting) < wanted:

@@ -312,6 +312,28 @@ async def test_b40_request_larger_than_any_gpu_rejected_at_submit(
     assert page.items == []
 
 
+@pytest.mark.all_backends
+async def test_gpu_job_where_no_worker_could_ever_run_it(
+    make_manager: ManagerFactory, clock: FakeClock
+) -> None:
+    """No GPU seen here: on a memory queue only this process's workers take jobs,
+    so a GPU job would wait forever and is refused at submit, saying why; on a
+    shared queue (Redis) a worker on another host may have GPUs, so it is
+    accepted and waits queued."""
+    registry = TaskRegistry()
+    registry.add("gpu", Held())
+    manager = await make_manager(
+        registry, clock=clock, plugins=[SimulatedGPUs([])], worker_count=1
+    )
+    if not manager.queue.shared:
+        with pytest.raises(ResourceRequestError, match=r"sees no GPU.*wait forever"):
+            await manager.submit("gpu", resources={"gpus": 1})
+        assert (await manager.list()).items == []
+    else:
+        job = await manager.submit("gpu", resources={"gpus": 1})
+        assert (await manager.get(job.id)).status == JobStatus.queued
+
+
 # ---------------------------------------------------------------- acceptance
 
 
