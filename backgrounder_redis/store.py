@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -297,26 +297,13 @@ class RedisStore(RedisBackend, JobStore):
         return JobPage(items=items, next_cursor=next_cursor)
 
     async def update(
-        self,
-        job_id: str,
-        fields: Mapping[str, Any],
-        *,
-        expect_status: Collection[JobStatus] | None = None,
-        expect_attempt: int | None = None,
-        expect_worker: str | None = None,
-        expect_cancel_requested: bool | None = None,
+        self, job_id: str, fields: Mapping[str, Any], **expect: Any
     ) -> Job | None:
-        """Compare-and-set the named fields in one Lua script."""
-        args = self._update_args(
-            Update(
-                job_id,
-                fields,
-                expect_status=expect_status,
-                expect_attempt=expect_attempt,
-                expect_worker=expect_worker,
-                expect_cancel_requested=expect_cancel_requested,
-            )
-        )
+        """Compare-and-set the named fields in one Lua script.
+
+        ``expect`` takes the conditions ``JobStore.update`` documents.
+        """
+        args = self._update_args(Update(job_id, fields, **expect))
         if args is None:
             return None
         flat = await self._script("update", (), args)

@@ -129,6 +129,15 @@ class Update:
     expect_worker: str | None = None
     expect_cancel_requested: bool | None = None
 
+    def expectations(self) -> dict[str, Any]:
+        """The compare-and-set conditions, as keyword arguments of ``update``."""
+        return {
+            "expect_status": self.expect_status,
+            "expect_attempt": self.expect_attempt,
+            "expect_worker": self.expect_worker,
+            "expect_cancel_requested": self.expect_cancel_requested,
+        }
+
 
 class JobStore(abc.ABC):
     """Where jobs live. Every write changes only the fields it names, atomically.
@@ -222,17 +231,10 @@ class JobStore(abc.ABC):
         the outcome. The default calls ``update``; a store that can skip reading
         the row back overrides it.
         """
-        return (
-            await self.update(
-                update.job_id,
-                update.fields,
-                expect_status=update.expect_status,
-                expect_attempt=update.expect_attempt,
-                expect_worker=update.expect_worker,
-                expect_cancel_requested=update.expect_cancel_requested,
-            )
-            is not None
+        landed = await self.update(
+            update.job_id, update.fields, **update.expectations()
         )
+        return landed is not None
 
     async def update_many(self, updates: Sequence[Update]) -> builtins.list[Job | None]:
         """Apply each compare-and-set write on its own; return each one's result.
@@ -244,17 +246,7 @@ class JobStore(abc.ABC):
         """
         return builtins.list(
             await asyncio.gather(
-                *(
-                    self.update(
-                        u.job_id,
-                        u.fields,
-                        expect_status=u.expect_status,
-                        expect_attempt=u.expect_attempt,
-                        expect_worker=u.expect_worker,
-                        expect_cancel_requested=u.expect_cancel_requested,
-                    )
-                    for u in updates
-                )
+                *(self.update(u.job_id, u.fields, **u.expectations()) for u in updates)
             )
         )
 

@@ -452,26 +452,13 @@ class SqliteStore(JobStore):
         return JobPage(items=items, next_cursor=next_cursor)
 
     async def update(
-        self,
-        job_id: str,
-        fields: Mapping[str, Any],
-        *,
-        expect_status: Collection[JobStatus] | None = None,
-        expect_attempt: int | None = None,
-        expect_worker: str | None = None,
-        expect_cancel_requested: bool | None = None,
+        self, job_id: str, fields: Mapping[str, Any], **expect: Any
     ) -> Job | None:
-        """Compare-and-set the named fields in one UPDATE ... RETURNING."""
-        sql, args = self._update_sql(
-            Update(
-                job_id,
-                fields,
-                expect_status=expect_status,
-                expect_attempt=expect_attempt,
-                expect_worker=expect_worker,
-                expect_cancel_requested=expect_cancel_requested,
-            )
-        )
+        """Compare-and-set the named fields in one UPDATE ... RETURNING.
+
+        ``expect`` takes the conditions ``JobStore.update`` documents.
+        """
+        sql, args = self._update_sql(Update(job_id, fields, **expect))
         rows = await self._fetch(sql, args)
         return _decode(rows[0]) if rows else None
 

@@ -91,7 +91,9 @@ async def test_run_task_times_out_on_the_clock() -> None:
 
 async def test_run_task_default_timeout_is_the_worker_default() -> None:
     """Left out, the limit is the runner's attribute, then 3600; None is no limit."""
-    assert (await run_task(Sleeper(3601))).error.code == ErrorCode.timeout  # type: ignore[union-attr]
+    timed_out = await run_task(Sleeper(3601))
+    assert timed_out.error is not None
+    assert timed_out.error.code == ErrorCode.timeout
     unlimited = await run_task(Sleeper(7200), timeout_seconds=None)
     assert unlimited.status == JobStatus.done
     assert unlimited.assets == Assets(custom={"slept": 7200})

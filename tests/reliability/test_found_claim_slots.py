@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from backgrounder import Job, JobManager, JobStatus, RunContext, TaskRegistry
 from backgrounder.errors import QueueError
@@ -26,21 +27,9 @@ class _AckFailsOnce(MemoryQueue):
         self.ack_failed = asyncio.Event()
         self.claim_calls = 0
 
-    async def claim_many(
-        self,
-        *,
-        worker_id: str,
-        lease_seconds: float,
-        timeout_seconds: float,
-        limit: int,
-    ) -> list[str]:
+    async def claim_many(self, **claim: Any) -> list[str]:
         self.claim_calls += 1
-        return await super().claim_many(
-            worker_id=worker_id,
-            lease_seconds=lease_seconds,
-            timeout_seconds=timeout_seconds,
-            limit=limit,
-        )
+        return await super().claim_many(**claim)
 
     async def ack_many(self, job_ids: Sequence[str]) -> None:
         if not self.ack_failed.is_set():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from backgrounder import Job, JobManager, JobStatus, RunContext, TaskRegistry
 from backgrounder.models import Job as JobModel
@@ -31,21 +32,9 @@ class _GatedQueue(MemoryQueue):
         self.watched: str | None = None
         self.watched_pushed = asyncio.Event()
 
-    async def claim_many(
-        self,
-        *,
-        worker_id: str,
-        lease_seconds: float,
-        timeout_seconds: float,
-        limit: int,
-    ) -> list[str]:
+    async def claim_many(self, **claim: Any) -> list[str]:
         await self.gate.wait()
-        return await super().claim_many(
-            worker_id=worker_id,
-            lease_seconds=lease_seconds,
-            timeout_seconds=timeout_seconds,
-            limit=limit,
-        )
+        return await super().claim_many(**claim)
 
     async def push(
         self, job_id: str, *, priority: int, delay_seconds: float = 0.0
