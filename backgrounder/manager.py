@@ -682,7 +682,7 @@ class JobManager:
 
     async def emit(self, kind: str, job: Job) -> None:
         """Publish an event to this process's subscribers and the job-event hook."""
-        if not self._has_event_hooks and not self.events_bus.has_subscribers(job.id):
+        if not self.has_listeners(job.id):
             return
         event = JobEvent(kind=kind, job=job)
         self.events_bus.publish(event)

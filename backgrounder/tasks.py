@@ -135,6 +135,12 @@ class RunContext:
             self._assets = Assets()
         return self._assets
 
+    @property
+    def attached_assets(self) -> Assets | None:
+        """The outputs attached so far, or None when there are none."""
+        assets = self._assets
+        return None if assets is None or assets.is_empty() else assets
+
     def request_cancel(self) -> None:
         """Mark the job canceled (called by the worker, from the event loop)."""
         self._canceled = True

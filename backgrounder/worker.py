@@ -741,11 +741,9 @@ class Worker:
             # started in another slot while this one was recording): keep it.
             if self.running.get(job.id) is execution:
                 del self.running[job.id]
-            if released:
-                pass
-            elif hold_slot_for_thread:
+            if hold_slot_for_thread:
                 self._hold_until_thread_ends(execution)
-            else:
+            elif not released:
                 self.manager.resources.release(execution.reservation)
                 self._release_slot()
 
@@ -935,11 +933,7 @@ class Worker:
         exc = run.exception()
         if exc is None:
             try:
-                assets = _to_assets(run.result())
-                if assets is None and not execution.ctx.assets.is_empty():
-                    # Nothing returned: what was attached along the way is the
-                    # output (the done write must not set it back to None).
-                    assets = execution.ctx.assets
+                assets = _to_assets(run.result(), execution.ctx)
                 return _Outcome(kind="done", assets=assets)
             except InvalidParamsError as bad:
                 return _Outcome(
@@ -1224,14 +1218,12 @@ class Worker:
             )
             # The job is read back only for whoever listens to its events.
             listened = manager.has_listeners(job.id)
-            landed = (
-                await manager.store.update_many([done])
-                if listened
-                else [job]
-                if await manager.store.apply(done)
-                else [None]
-            )
-            updated = landed[0]
+            if listened:
+                updated = await manager.store.update(
+                    job.id, done.fields, **done.expectations()
+                )
+            else:
+                updated = job if await manager.store.apply(done) else None
             if updated is None:
                 # A cancel accepted while the result was on its way wins: the
                 # user was told the job is being canceled, so it never ends done.
@@ -1332,10 +1324,14 @@ class Worker:
         )
 
 
-def _to_assets(value: Any) -> Assets | None:
-    """Turn a runner's return value into Assets, or raise InvalidParamsError."""
+def _to_assets(value: Any, ctx: RunContext) -> Assets | None:
+    """Turn a runner's return value into Assets, or raise InvalidParamsError.
+
+    A runner that returns None ends with what it attached along the way
+    (``ctx.attach_assets``), so the done write never sets them back to None.
+    """
     if value is None:
-        return None
+        return ctx.attached_assets
     if isinstance(value, Assets):
         assets = value
     elif isinstance(value, dict):

@@ -472,7 +472,7 @@ class _Run:
         exc = run.exception()
         if exc is None:
             try:
-                assets = _to_assets(run.result())
+                assets = _to_assets(run.result(), self.ctx)
             except InvalidParamsError as bad:
                 self.mistake(f"the runner's return value was refused: {bad}")
                 error = self._error(
@@ -482,8 +482,6 @@ class _Run:
                     retryable=False,
                 )
                 return JobStatus.failed, None, error, bad
-            if assets is None and not self.ctx.assets.is_empty():
-                assets = self.ctx.assets
             return JobStatus.done, assets, None, None
         if isinstance(exc, JobCanceled) or (
             isinstance(exc, asyncio.CancelledError) and self.ctx.canceled
