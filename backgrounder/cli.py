@@ -58,6 +58,10 @@ def load_registry(target: str) -> TaskRegistry:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        raise ConfigurationError(
+            f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
     if not hasattr(module, attr):
         raise ConfigurationError(
             f"module {module_name!r} has no attribute {attr!r}; name the "

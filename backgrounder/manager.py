@@ -856,6 +856,9 @@ class JobManager:
                 "run_after": now + timedelta(seconds=delay),
                 "started_at": None,
                 "cancel_requested": False,
+                # The next attempt starts over, as after a manual retry: what
+                # the failed one attached is not the job's output.
+                "assets": None,
             }
         else:
             delay = None

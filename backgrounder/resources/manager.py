@@ -287,9 +287,9 @@ class ResourceManager:
                 raise ResourceRequestError(
                     f"resources asks for {wanted} GPU(s), but this worker sees no "
                     "GPU and its queue is in this process's memory, so no other "
-                    "worker can take the job: it would wait forever; drop "
-                    "resources.gpus, or run workers that have GPUs on a shared "
-                    "queue (Redis)"
+                    "worker can take the job: it would wait forever; leave out "
+                    "resources.gpus and resources.gpu_memory_mb, or run workers "
+                    "that have GPUs on a shared queue (Redis)"
                 )
             return
         fitting = [g for g in gpus if g.memory_total_mb >= per_gpu]

@@ -110,3 +110,15 @@ def test_cli_worker_names_a_missing_registry_attribute() -> None:
     assert code == 2
     assert "module 'examples.app' has no attribute 'nope'" in output
     assert "NoneType" not in output
+
+
+def test_cli_worker_names_the_module_whose_import_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module that raises on import is named with the exception's type."""
+    (tmp_path / "badtasks.py").write_text("raise ValueError('bad import')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, output = run("worker", "badtasks:registry")
+    assert code == 2
+    assert "importing 'badtasks' raised ValueError: bad import" in output

@@ -108,7 +108,7 @@ def test_check_submittable_accepts_gpu_request_where_no_gpu_is_seen() -> None:
 
 def test_check_submittable_refuses_gpu_request_no_worker_could_take() -> None:
     """With no GPU seen and no other process on the queue, a GPU job never runs."""
-    with pytest.raises(ResourceRequestError, match=r"1 GPU.*sees no GPU"):
+    with pytest.raises(ResourceRequestError, match=r"sees no GPU.*gpu_memory_mb"):
         make(None, FakeHost()).check_submittable(req(gpu_memory_mb=500), only_here=True)
     make(None, FakeHost()).check_submittable(req(memory_mb=10), only_here=True)
 
