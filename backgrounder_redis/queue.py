@@ -24,6 +24,13 @@ __all__ = ["RedisQueue"]
 
 logger = logging.getLogger(__name__)
 
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    """Retrieve a best-effort call's outcome, so asyncio logs no warning."""
+    if not task.cancelled():
+        task.exception()
+
+
 # Keys (KEYS order, the same in every script): ready (zset of id by
 # (100 - priority) * 2**40 + seq), delayed (zset of id by due time), inflight
 # (zset of id by claim-lease deadline), prio (hash id -> priority), seq (counter),
@@ -112,6 +119,20 @@ redis.call('LTRIM', KEYS[6], 0, 63)
 return ids
 """
 
+# ARGV: claimed ids to make ready again now (ids no longer in flight are left).
+_RELEASE = """
+for _, id in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[3], id) == 1 then
+    local priority = tonumber(redis.call('HGET', KEYS[4], id) or '50')
+    local seq = redis.call('INCR', KEYS[5])
+    redis.call('ZADD', KEYS[1], (100 - priority) * 1099511627776 + seq, id)
+    redis.call('LPUSH', KEYS[6], '1')
+  end
+end
+redis.call('LTRIM', KEYS[6], 0, 63)
+return 1
+"""
+
 
 class RedisQueue(RedisBackend, JobQueue):
     """A priority queue of job ids on Redis, shared by every worker and API process.
@@ -137,6 +158,7 @@ class RedisQueue(RedisBackend, JobQueue):
         "ack": _ACK,
         "remove": _REMOVE,
         "recover": _RECOVER,
+        "release": _RELEASE,
     }
 
     def __init__(
@@ -159,6 +181,8 @@ class RedisQueue(RedisBackend, JobQueue):
             f"{p}:q:wake",
         ]
         self.channel = f"{p}:q:cancel"
+        #: Waits whose claimer was canceled, finishing in the background.
+        self._orphans: set[asyncio.Task[list[Any]]] = set()
 
     def _now(self) -> float:
         return self._clock.now().timestamp()
@@ -211,11 +235,10 @@ class RedisQueue(RedisBackend, JobQueue):
         if limit < 1:
             return []
         deadline = self._clock.monotonic() + timeout_seconds
+        now = self._now()
+        reply = await self._run("claim", repr(now), repr(now + lease_seconds), limit)
         while True:
-            now = self._now()
-            next_due, *ids = await self._run(
-                "claim", repr(now), repr(now + lease_seconds), limit
-            )
+            next_due, *ids = reply
             if ids:
                 if logger.isEnabledFor(logging.DEBUG):
                     for job_id in ids:
@@ -224,13 +247,114 @@ class RedisQueue(RedisBackend, JobQueue):
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
                 return []
-            wait = min(remaining, self.settings.max_block_seconds)
+            now = self._now()
+            claim = (repr(now), repr(now + lease_seconds), limit)
+            if next_due and float(next_due) <= now:
+                # A delayed id came due: claim it now, without waiting.
+                reply = await self._run("claim", *claim)
+                continue
+            # Never block longer than half the claim lease: the claim behind
+            # the wait takes its lease from the time it was sent.
+            wait = min(remaining, self.settings.max_block_seconds, lease_seconds / 2)
             if next_due:
                 wait = min(wait, float(next_due) - now)
-            # BLPOP's timeout 0 means forever: never ask for less than 10 ms.
-            # It runs on a pooled connection of its own, never the pipeline's.
-            async with self._errors("wait"):
-                await self.client.blpop([self.keys[5]], timeout=max(0.01, wait))
+            reply = await self._wait_then_claim(wait, claim)
+
+    async def _wait_then_claim(
+        self, wait: float, claim: tuple[str, str, int]
+    ) -> list[Any]:
+        """Block on the wake-up list, then claim, in one write.
+
+        BLPOP and the claim script go out together on a pooled connection of
+        their own (a blocking command would stall the shared pipeline): the
+        server runs the claim the moment the wait ends, a push's wake-up or the
+        timeout, so a job pushed onto an idle worker costs no extra round trip.
+
+        The server runs that claim even if the caller is canceled meanwhile, so
+        the exchange runs in a task of its own that a cancel does not stop: the
+        wait is cut short (CLIENT UNBLOCK), the replies are read, and ids the
+        claim took are made ready again at once.
+        """
+        state: dict[str, Any] = {}
+        exchange = asyncio.ensure_future(self._blocking_claim(wait, claim, state))
+        try:
+            return await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            if not exchange.done():
+                self._orphans.add(exchange)
+                exchange.add_done_callback(self._give_back)
+                client_id = state.get("client_id")
+                if client_id is not None:
+                    unblock = asyncio.ensure_future(
+                        self._call("unblock", "CLIENT", "UNBLOCK", client_id)
+                    )
+                    unblock.add_done_callback(_ignore_outcome)
+            raise
+
+    async def _blocking_claim(
+        self, wait: float, claim: tuple[str, str, int], state: dict[str, Any]
+    ) -> list[Any]:
+        # BLPOP's timeout 0 means forever: never ask for less than 10 ms.
+        commands = [
+            ("CLIENT", "ID"),
+            ("BLPOP", self.keys[5], max(0.01, wait)),
+            self._script_args("claim", self.keys, claim),
+        ]
+        async with self._errors("wait"):
+            pool: Any = self.client.connection_pool
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command(conn.pack_commands(commands))
+                state["client_id"] = await conn.read_response()
+                await conn.read_response()
+                try:
+                    reply: list[Any] = await conn.read_response()
+                except rexc.NoScriptError:
+                    # The server lost its scripts; the pipeline loads it again.
+                    reply = await self._run("claim", *claim)
+            except BaseException:
+                # The connection may be mid-reply: it is not used again. A claim
+                # that ran but whose reply is lost holds its ids until their
+                # claim lease runs out; then they return (recover_expired).
+                await conn.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(conn)
+        return reply
+
+    def _give_back(self, exchange: asyncio.Task[list[Any]]) -> None:
+        """Make ready again what a canceled caller's claim took."""
+        self._orphans.discard(exchange)
+        if exchange.cancelled() or exchange.exception() is not None:
+            return
+        ids = [str(job_id) for job_id in exchange.result()[1:]]
+        if not ids:
+            return
+        logger.debug("claim canceled mid-wait; ids %s ready again", ids)
+        task = asyncio.ensure_future(self._run("release", *ids))
+        self._orphans.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[Any]) -> None:
+        self._orphans.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning(
+                "ids claimed by a canceled wait could not be made ready (%s); "
+                "they return when their claim lease runs out",
+                task.exception(),
+            )
+
+    async def close(self) -> None:
+        """Let canceled waits give their ids back, then close the connections."""
+        deadline = self.settings.socket_timeout
+        while self._orphans:
+            pending = set(self._orphans)
+            done, _ = await asyncio.wait(pending, timeout=deadline)
+            if not done:
+                for task in pending:
+                    task.cancel()
+                break
+        await super().close()
 
     async def ack(self, job_id: str) -> None:
         """Drop a claimed id for good."""

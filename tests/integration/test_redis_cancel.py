@@ -13,6 +13,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+from fakeredis.aioredis import FakeAsyncRedisConnection
 
 from backgrounder.errors import QueueError
 from backgrounder_redis import RedisQueue
@@ -41,6 +42,22 @@ async def _swallow_one_cancel() -> bool:
     return False  # pragma: no cover - the event is never set
 
 
+class SwallowingConnection(FakeAsyncRedisConnection):
+    """A fakeredis connection whose first blocking pop's write drops a cancel.
+
+    The write then goes out as usual, so a claim that missed the cancel goes on
+    waiting (and a second cancel, at teardown, still ends it).
+    """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> Any:
+        packed = command if isinstance(command, bytes | str) else b"".join(command)
+        if "BLPOP" in str(packed):
+            SwallowingClient.calls += 1
+            if SwallowingClient.calls == 1:
+                await _swallow_one_cancel()
+        return await super().send_packed_command(command, check_health)
+
+
 class SwallowingClient(fakeredis.FakeAsyncRedis):
     """A fakeredis client whose first blocking pop or pub/sub read drops a cancel.
 
@@ -50,12 +67,8 @@ class SwallowingClient(fakeredis.FakeAsyncRedis):
 
     calls = 0
 
-    async def blpop(self, *args: Any, **kwargs: Any) -> Any:
-        SwallowingClient.calls += 1
-        if SwallowingClient.calls == 1:
-            await _swallow_one_cancel()
-            return None
-        return await super().blpop(*args, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(connection_class=SwallowingConnection, **kwargs)
 
     def pubsub(self, **kwargs: Any) -> Any:
         pubsub: Any = super().pubsub(**kwargs)

@@ -22,7 +22,7 @@ from redis import exceptions as redis_exc
 from backgrounder.errors import StoreError
 from backgrounder.models import ErrorCode, ErrorInfo, Job, JobStatus
 from backgrounder.store.base import APPEND_ERROR, Update
-from backgrounder_redis import RedisStore
+from backgrounder_redis import RedisQueue, RedisStore
 from backgrounder_testing import FakeClock
 
 pytestmark = pytest.mark.redis
@@ -30,34 +30,103 @@ pytestmark = pytest.mark.redis
 REDIS_URL = os.environ.get("BACKGROUNDER_REDIS_URL")
 
 
-@pytest.fixture(
-    params=[
-        "fakeredis",
-        pytest.param(
-            "redis",
-            marks=pytest.mark.skipif(
-                not REDIS_URL, reason="BACKGROUNDER_REDIS_URL is not set"
-            ),
+SERVERS = [
+    "fakeredis",
+    pytest.param(
+        "redis",
+        marks=pytest.mark.skipif(
+            not REDIS_URL, reason="BACKGROUNDER_REDIS_URL is not set"
         ),
-    ]
-)
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    ),
+]
+
+
+async def _opened(
+    kind: type[RedisStore] | type[RedisQueue], server: str, clock: FakeClock
+) -> AsyncIterator[Any]:
     prefix = f"bgtest:{uuid.uuid4().hex[:12]}"
-    if request.param == "fakeredis":
+    if server == "fakeredis":
         client = fakeredis.FakeAsyncRedis(decode_responses=True)
-        built = RedisStore("redis://fake/0", prefix=prefix, client=client)
+        built = kind("redis://fake/0", prefix=prefix, client=client)
     else:
         assert REDIS_URL
-        built = RedisStore(REDIS_URL, prefix=prefix)
-    await built.open(FakeClock())
+        built = kind(REDIS_URL, prefix=prefix)
+    await built.open(clock)
     yield built
     await built.close()
-    if REDIS_URL and request.param == "redis":
+    if REDIS_URL and server == "redis":
         admin = aioredis.Redis.from_url(REDIS_URL)
         keys = [k async for k in admin.scan_iter(match=f"{prefix}:*")]
         if keys:
             await admin.delete(*keys)
         await admin.aclose()
+
+
+@pytest.fixture(params=SERVERS)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    async for built in _opened(RedisStore, request.param, FakeClock()):
+        yield built
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=SERVERS)
+async def queue(
+    request: pytest.FixtureRequest, clock: FakeClock
+) -> AsyncIterator[RedisQueue]:
+    async for built in _opened(RedisQueue, request.param, clock):
+        yield built
+
+
+async def _waiting_claim(queue: RedisQueue) -> asyncio.Task[list[str]]:
+    """Start a claim on the empty queue; return once its first claim found
+    nothing and it goes to wait on the server."""
+    waiting = asyncio.Event()
+    real = queue._wait_then_claim
+
+    async def spy(*args: Any) -> Any:
+        waiting.set()
+        return await real(*args)
+
+    queue._wait_then_claim = spy  # type: ignore[method-assign]
+    waiter = asyncio.create_task(
+        queue.claim_many(worker_id="w", lease_seconds=30, timeout_seconds=60, limit=5)
+    )
+    async with asyncio.timeout(5):
+        await waiting.wait()
+    return waiter
+
+
+async def test_a_claim_woken_by_a_push_holds_the_id_with_its_lease(
+    queue: RedisQueue, clock: FakeClock
+) -> None:
+    """The claim that runs behind the wait records the id in flight, leased."""
+    waiter = await _waiting_claim(queue)
+    await queue.push("x", priority=50)
+    async with asyncio.timeout(5):
+        assert await waiter == ["x"]
+    assert (await queue.size(), await queue.in_flight()) == (0, 1)
+    clock.advance(29)
+    assert await queue.recover_expired() == 0
+    clock.advance(2)
+    assert await queue.recover_expired() == 1
+    assert await queue.claim_many(
+        worker_id="w", lease_seconds=30, timeout_seconds=0, limit=5
+    ) == ["x"]
+
+
+async def test_a_waiting_claim_survives_the_server_forgetting_its_scripts(
+    queue: RedisQueue,
+) -> None:
+    waiter = await _waiting_claim(queue)
+    await queue.client.script_flush()
+    await queue.push("x", priority=50)
+    async with asyncio.timeout(5):
+        assert await waiter == ["x"]
+    assert await queue.in_flight() == 1
 
 
 async def make_jobs(store: RedisStore, count: int) -> list[Job]:
@@ -161,3 +230,31 @@ async def test_a_batch_whose_reply_is_lost_is_not_sent_again() -> None:
         assert [e.message for e in stored.errors] == ["boom"]
     finally:
         await store.close()
+
+
+async def test_a_canceled_wait_gives_back_what_its_claim_took(
+    queue: RedisQueue, clock: FakeClock
+) -> None:
+    """The server runs the claim behind a wait even when its caller is gone:
+    whatever it took is ready again, not held for a claim lease."""
+    waiter = await _waiting_claim(queue)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await queue.push("x", priority=70)
+    # Another process's view of the same queue, open after this one closes.
+    twin = RedisQueue(
+        REDIS_URL or "redis://fake/0",
+        prefix=queue.prefix,
+        client=None if queue._own_client else queue.client,
+    )
+    await queue.close()  # lets the canceled wait finish and give back
+    await twin.open(clock)
+    try:
+        assert (await twin.size(), await twin.in_flight()) == (1, 0)
+        await twin.push("y", priority=50)
+        assert await twin.claim_many(
+            worker_id="w", lease_seconds=30, timeout_seconds=0, limit=5
+        ) == ["x", "y"]
+    finally:
+        await twin.close()

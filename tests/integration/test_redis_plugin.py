@@ -94,18 +94,24 @@ async def test_claim_waits_without_polling() -> None:
     )
     await queue.open(SystemClock())
     calls: list[str] = []
-    run = queue._run
+    run, wait = queue._run, queue._wait_then_claim
 
     async def counting(name: str, *args: Any) -> Any:
         calls.append(name)
         return await run(name, *args)
 
+    async def counting_wait(*args: Any) -> Any:
+        calls.append("wait, then claim")
+        return await wait(*args)
+
     queue._run = counting  # type: ignore[method-assign]
+    queue._wait_then_claim = counting_wait  # type: ignore[method-assign]
     assert (
         await queue.claim(worker_id="w", lease_seconds=5, timeout_seconds=0.3) is None
     )
-    # One look before the blocking wait and one after it: no polling loop.
-    assert calls == ["claim", "claim"]
+    # One look before the blocking wait and one behind it: no polling loop.
+    assert calls == ["claim", "wait, then claim"]
+    await queue.close()
 
 
 async def test_an_interrupted_wait_loses_no_item() -> None:
@@ -119,7 +125,12 @@ async def test_an_interrupted_wait_loses_no_item() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     await queue.push("x", priority=50)
+    # The server may have run the canceled wait's claim: it gives the id back.
+    async with asyncio.timeout(5):
+        while await queue.in_flight():
+            await asyncio.sleep(0.01)
     assert await queue.claim(worker_id="w", lease_seconds=5, timeout_seconds=0) == "x"
+    await queue.close()
 
 
 @pytest.fixture
