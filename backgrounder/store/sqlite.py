@@ -137,9 +137,20 @@ def _parent_dir(path: str) -> str | None:
 Row = tuple[Any, ...]
 Op = Callable[[sqlite3.Connection], Any]
 
+#: Rows changed between two background checkpoints (about SQLite's own
+#: 1,000-page default, at a few pages a row).
+_CHECKPOINT_CHANGES = 100
+#: WAL pages after which a writer checkpoints by itself: only reached when the
+#: background checkpoint cannot keep up (about 40 MB at 4 KiB pages).
+_WRITER_CHECKPOINT_PAGES = 1000
 
-def _run_batch(conn: sqlite3.Connection, ops: builtins.list[Op]) -> builtins.list[Any]:
+
+def _run_batch(
+    conn: sqlite3.Connection, ops: builtins.list[Op]
+) -> tuple[builtins.list[Any], int]:
     """Run ``ops`` in one write transaction; one op's failure spares the others.
+
+    Returns the ops' results and the connection's count of changed rows so far.
 
     Runs in the connection's thread. The ops run one after the other in one
     transaction; if one raises, the transaction is rolled back and the batch
@@ -149,11 +160,11 @@ def _run_batch(conn: sqlite3.Connection, ops: builtins.list[Op]) -> builtins.lis
     savepoints cost two statements per op, which the usual batch is spared.
     """
     try:
-        return _run_ops(conn, ops, savepoints=False)
+        return _run_ops(conn, ops, savepoints=False), conn.total_changes
     except sqlite3.Error as exc:
         if len(ops) == 1:
-            return [exc]
-    return _run_ops(conn, ops, savepoints=True)
+            return [exc], conn.total_changes
+    return _run_ops(conn, ops, savepoints=True), conn.total_changes
 
 
 def _run_ops(
@@ -195,6 +206,11 @@ class SqliteStore(JobStore):
     read-then-write can fail with "database is locked" at once) and one commit:
     many concurrent writers cost one thread hop and one commit between them.
     Every update is one statement whose WHERE clause is the compare-and-set.
+
+    Checkpoints (copying the write-ahead log back into the file) run on a
+    connection and thread of their own, every few hundred changed rows, so no
+    commit waits for one; a writer checkpoints by itself only if the log grows
+    far beyond that.
     """
 
     name = "sqlite"
@@ -212,6 +228,9 @@ class SqliteStore(JobStore):
         self._clock: Clock = SystemClock()
         self._pending: builtins.list[tuple[Op, asyncio.Future[Any]]] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpoint: asyncio.Task[None] | None = None
+        self._changes_at_checkpoint = 0
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
@@ -249,8 +268,16 @@ class SqliteStore(JobStore):
             await db.execute(f"PRAGMA busy_timeout = {timeout_ms}")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")
+            await db.execute(f"PRAGMA wal_autocheckpoint = {_WRITER_CHECKPOINT_PAGES}")
             await db.executescript(_SCHEMA)
+            if self.path != ":memory:":
+                checkpointer = aiosqlite.connect(
+                    self.path, timeout=self.busy_timeout_seconds, isolation_level=None
+                )
+                _daemonize(checkpointer)
+                self._checkpointer = await checkpointer
         except (sqlite3.Error, OSError) as exc:
+            await self._close_checkpointer()
             if db is not None:
                 await db.close()
             raise StoreError(
@@ -258,6 +285,7 @@ class SqliteStore(JobStore):
                 "file and its folder are writable"
             ) from exc
         except BaseException:
+            await self._close_checkpointer()
             if db is not None:
                 await db.close()
             raise
@@ -267,6 +295,7 @@ class SqliteStore(JobStore):
         """Finish pending statements, then close the connection and its thread."""
         if self._drainer is not None:
             await asyncio.gather(self._drainer, return_exceptions=True)
+        await self._close_checkpointer()
         db, self._db = self._db, None
         if db is not None:
             await db.close()
@@ -275,6 +304,40 @@ class SqliteStore(JobStore):
             thread = getattr(db, "_thread", None)
             if isinstance(thread, threading.Thread) and thread.is_alive():
                 await asyncio.to_thread(thread.join, 5.0)
+
+    async def _close_checkpointer(self) -> None:
+        """Finish a running checkpoint and close its connection."""
+        if self._checkpoint is not None:
+            await asyncio.gather(self._checkpoint, return_exceptions=True)
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            await checkpointer.close()
+            thread = getattr(checkpointer, "_thread", None)
+            if isinstance(thread, threading.Thread) and thread.is_alive():
+                await asyncio.to_thread(thread.join, 5.0)
+
+    def _after_batch(self, total_changes: int) -> None:
+        """Start a background checkpoint once enough rows changed since the last."""
+        if (
+            self._checkpointer is None
+            or self._checkpoint is not None
+            or total_changes - self._changes_at_checkpoint < _CHECKPOINT_CHANGES
+        ):
+            return
+        self._changes_at_checkpoint = total_changes
+        self._checkpoint = asyncio.create_task(self._run_checkpoint())
+
+    async def _run_checkpoint(self) -> None:
+        """Copy what the log holds into the file, waiting for no reader or writer."""
+        try:
+            checkpointer = self._checkpointer
+            if checkpointer is not None:
+                await checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            # Harmless: the next one (or, far later, a writer) catches up.
+            logger.debug("checkpoint of %s skipped: %s", self.path, exc)
+        finally:
+            self._checkpoint = None
 
     async def _run(self, op: Op) -> Any:
         """Run ``op(conn)`` in the next batch and return its result."""
@@ -296,7 +359,7 @@ class SqliteStore(JobStore):
                 batch, self._pending = self._pending, []
                 ops = [op for op, _ in batch]
                 try:
-                    results = await self._db._execute(  # type: ignore[no-untyped-call]
+                    results, changes = await self._db._execute(  # type: ignore[no-untyped-call]
                         _run_batch, self._db._conn, ops
                     )
                 except BaseException as exc:
@@ -311,6 +374,7 @@ class SqliteStore(JobStore):
                 for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
+                self._after_batch(changes)
         finally:
             self._drainer = None
             for _, future in self._pending if self._db is None else ():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -101,3 +103,43 @@ async def test_store_expired_idempotency_key_is_released(
     assert (made, made_again, made_later) == (True, False, True)
     assert again.id == first.id == "a"
     assert later.id == "c"
+
+
+async def test_log_is_copied_into_the_file_in_the_background(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A steady trickle of writes reaches the database file while the store is
+    open, well before SQLite's own 1,000-page checkpoint on the write path."""
+    path = tmp_path / "jobs.db"
+    store = SqliteStore(path)
+    await store.open(clock)
+    try:
+        empty = path.stat().st_size
+        for i in range(120):
+            await store.create(_job(clock, f"j{i}"))
+        async with asyncio.timeout(10):
+            while path.stat().st_size <= empty:
+                await asyncio.sleep(0.01)  # polls the file; no timing is assumed
+    finally:
+        await store.close()
+
+
+async def test_close_waits_for_a_checkpoint_and_leaves_no_thread(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    def threads() -> set[threading.Thread]:
+        # The loop's executor keeps its threads for reuse: not the store's.
+        return {t for t in threading.enumerate() if not t.name.startswith("asyncio_")}
+
+    before = threads()
+    store = SqliteStore(tmp_path / "jobs.db")
+    await store.open(clock)
+    await asyncio.gather(*(store.create(_job(clock, f"j{i}")) for i in range(300)))
+    await store.close()
+    assert threads() <= before
+    again = SqliteStore(tmp_path / "jobs.db")
+    await again.open(clock)
+    try:
+        assert (await again.count_by_status())[JobStatus.queued] == 300
+    finally:
+        await again.close()
