@@ -11,7 +11,8 @@ Sections (each can be skipped by name):
   ``--rss-jobs`` jobs.
 - ``peers``: arq and SAQ through bench/peers.py on the same Redis (run with
   ``--peers-python``, a Python where arq and saq are installed), and the ratios.
-- ``pickup``: one job at a time onto an idle worker, submit → execute start.
+- ``pickup``: one job at a time onto an idle worker, submit → execute start: in
+  process (memory and Redis) and onto a ``backgrounder worker`` process (Redis).
 - ``http``: POST /jobs requests/s under uvicorn beside a bare endpoint.
 - ``progress``: µs per ``ctx.progress`` call in a tight loop, store writes/s.
 - ``scale``: ``get`` and ``list`` latency with 1,000 and ``--scale`` jobs stored.
@@ -280,6 +281,61 @@ async def bench_pickup(samples: int, store: Any, queue: str | None) -> dict[str,
     }
 
 
+async def bench_pickup_process(samples: int, redis_url: str) -> dict[str, Any]:
+    """One job at a time onto an idle ``backgrounder worker`` process (10 slots).
+
+    The worker's task returns the wall-clock time its execute started; both
+    processes read the same system clock. Each job is submitted 15 ms after the
+    one before, long after that one ended, so the worker is idle each time.
+    """
+    prefix = f"bench:{uuid.uuid4().hex[:10]}"
+    url = _redis_url(redis_url, prefix)
+    worker = _start_redis_worker(url, 10)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+
+        async def ready() -> bool:
+            if worker.poll() is not None:
+                raise SystemExit(f"the worker exited with {worker.returncode}")
+            subscribers = await admin.pubsub_numsub(f"{prefix}:q:cancel")
+            return bool(subscribers and subscribers[0][1])
+
+        await _until(ready, 60)
+        registry = TaskRegistry()
+        registry.add("stamp", _StampRunner())  # known here; runs in the worker
+        async with JobManager(
+            store=url, queue=url, registry=registry, worker_count=0
+        ) as manager:
+            sent: list[tuple[str, float]] = []
+            for _ in range(samples + 10):
+                await asyncio.sleep(0.015)
+                t0 = time.time()
+                job = await manager.submit("stamp")
+                sent.append((job.id, t0))
+            await _until(lambda: _ended_count(manager, len(sent)), 60)
+            jobs = await manager.store.get_many([job_id for job_id, _ in sent])
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        await admin.aclose()
+        await _drop_prefix(redis_url, prefix)
+    latencies = []
+    for job, (_, t0) in list(zip(jobs, sent, strict=True))[10:]:
+        assert job is not None and job.assets is not None and job.assets.custom
+        latencies.append(float(job.assets.custom["started"]) - t0)
+    return {
+        "samples": samples,
+        "p50_ms": _ms(_pct(latencies, 0.5)),
+        "p99_ms": _ms(_pct(latencies, 0.99)),
+        "max_ms": _ms(max(latencies)),
+    }
+
+
+async def _ended_count(manager: JobManager, jobs: int) -> bool:
+    counts = await manager.store.count_by_status()
+    return counts[JobStatus.done] + counts[JobStatus.failed] >= jobs
+
+
 # ------------------------------------------------------------------ http
 
 
@@ -529,7 +585,7 @@ def _print(results: dict[str, Any]) -> None:
                 f"{p['worker_cpu_us_per_job']} µs worker CPU/job; "
                 f"backgrounder/{peer} = {ratio}",
             )
-    for name in ("pickup_memory", "pickup_redis"):
+    for name in ("pickup_memory", "pickup_redis", "pickup_redis_worker"):
         if name in s:
             p = s[name]
             _row(
@@ -615,6 +671,10 @@ async def _run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             finally:
                 await _drop_prefix(args.redis_url, p2)
             print("pickup_redis", s["pickup_redis"], flush=True)
+            s["pickup_redis_worker"] = await bench_pickup_process(
+                args.pickup, args.redis_url
+            )
+            print("pickup_redis_worker", s["pickup_redis_worker"], flush=True)
         if want("http"):
             s["http"] = await bench_http(args.http_seconds, folder)
             print("http", s["http"], flush=True)
