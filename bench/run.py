@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,10 @@ def _start_redis_worker(url: str, concurrency: int) -> subprocess.Popen[bytes]:
     )
 
 
-async def bench_redis(jobs: int, rss_jobs: int, redis_url: str) -> dict[str, Any]:
-    """Redis store + queue, one worker subprocess of 10 slots; CPU and RSS."""
+@contextlib.asynccontextmanager
+async def _redis_worker(redis_url: str) -> AsyncIterator[tuple[str, psutil.Process]]:
+    """Start a ``backgrounder worker`` of 10 slots on a fresh prefix, wait until it
+    listens, and yield its URL and process; stop it and drop its keys after."""
     prefix = f"bench:{uuid.uuid4().hex[:10]}"
     url = _redis_url(redis_url, prefix)
     worker = _start_redis_worker(url, 10)
@@ -172,7 +175,17 @@ async def bench_redis(jobs: int, rss_jobs: int, redis_url: str) -> dict[str, Any
             return bool(subscribers and subscribers[0][1])
 
         await _until(ready, 60)
-        proc = psutil.Process(worker.pid)
+        yield url, psutil.Process(worker.pid)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        await admin.aclose()
+        await _drop_prefix(redis_url, prefix)
+
+
+async def bench_redis(jobs: int, rss_jobs: int, redis_url: str) -> dict[str, Any]:
+    """Redis store + queue, one worker subprocess of 10 slots; CPU and RSS."""
+    async with _redis_worker(redis_url) as (url, proc):
         manager = JobManager(
             store=url, queue=url, registry=_noop_registry(), worker_count=0
         )
@@ -195,11 +208,6 @@ async def bench_redis(jobs: int, rss_jobs: int, redis_url: str) -> dict[str, Any
                 done += step
                 await _all_ended(manager, warm + done)
                 rss_points.append((done, proc.memory_info().rss))
-    finally:
-        worker.terminate()
-        worker.wait(30)
-        await admin.aclose()
-        await _drop_prefix(redis_url, prefix)
     rss1 = rss_points[-1][1]
     return {
         "jobs": jobs,
@@ -288,19 +296,7 @@ async def bench_pickup_process(samples: int, redis_url: str) -> dict[str, Any]:
     processes read the same system clock. Each job is submitted 15 ms after the
     one before, long after that one ended, so the worker is idle each time.
     """
-    prefix = f"bench:{uuid.uuid4().hex[:10]}"
-    url = _redis_url(redis_url, prefix)
-    worker = _start_redis_worker(url, 10)
-    admin = aioredis.Redis.from_url(redis_url)
-    try:
-
-        async def ready() -> bool:
-            if worker.poll() is not None:
-                raise SystemExit(f"the worker exited with {worker.returncode}")
-            subscribers = await admin.pubsub_numsub(f"{prefix}:q:cancel")
-            return bool(subscribers and subscribers[0][1])
-
-        await _until(ready, 60)
+    async with _redis_worker(redis_url) as (url, _):
         registry = TaskRegistry()
         registry.add("stamp", _StampRunner())  # known here; runs in the worker
         async with JobManager(
@@ -314,11 +310,6 @@ async def bench_pickup_process(samples: int, redis_url: str) -> dict[str, Any]:
                 sent.append((job.id, t0))
             await _until(lambda: _ended_count(manager, len(sent)), 60)
             jobs = await manager.store.get_many([job_id for job_id, _ in sent])
-    finally:
-        worker.terminate()
-        worker.wait(30)
-        await admin.aclose()
-        await _drop_prefix(redis_url, prefix)
     latencies = []
     for job, (_, t0) in list(zip(jobs, sent, strict=True))[10:]:
         assert job is not None and job.assets is not None and job.assets.custom

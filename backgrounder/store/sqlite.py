@@ -298,12 +298,7 @@ class SqliteStore(JobStore):
         await self._close_checkpointer()
         db, self._db = self._db, None
         if db is not None:
-            await db.close()
-            # close() returns before the connection's thread has ended; wait for
-            # it, so the thread count is back to where it was once close returns.
-            thread = getattr(db, "_thread", None)
-            if isinstance(thread, threading.Thread) and thread.is_alive():
-                await asyncio.to_thread(thread.join, 5.0)
+            await _close_connection(db)
 
     async def _close_checkpointer(self) -> None:
         """Finish a running checkpoint and close its connection."""
@@ -311,10 +306,7 @@ class SqliteStore(JobStore):
             await asyncio.gather(self._checkpoint, return_exceptions=True)
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
-            await checkpointer.close()
-            thread = getattr(checkpointer, "_thread", None)
-            if isinstance(thread, threading.Thread) and thread.is_alive():
-                await asyncio.to_thread(thread.join, 5.0)
+            await _close_connection(checkpointer)
 
     def _after_batch(self, total_changes: int) -> None:
         """Start a background checkpoint once enough rows changed since the last."""
@@ -693,6 +685,18 @@ def _build_update_sql(
         where.append("cancel_requested = ?")
     sql = f"UPDATE jobs SET {', '.join(sets)} WHERE {' AND '.join(where)}"
     return f"{sql} RETURNING {_RETURNING}" if returning else sql
+
+
+async def _close_connection(connection: aiosqlite.Connection) -> None:
+    """Close ``connection`` and wait for its thread to end.
+
+    aiosqlite's close() returns before the thread has ended; waiting for it puts
+    the thread count back where it was once the store's close returns.
+    """
+    await connection.close()
+    thread = getattr(connection, "_thread", None)
+    if isinstance(thread, threading.Thread) and thread.is_alive():
+        await asyncio.to_thread(thread.join, 5.0)
 
 
 def _daemonize(connection: aiosqlite.Connection) -> None:
