@@ -181,8 +181,9 @@ class RedisQueue(RedisBackend, JobQueue):
             f"{p}:q:wake",
         ]
         self.channel = f"{p}:q:cancel"
-        #: Waits whose claimer was canceled, finishing in the background.
-        self._orphans: set[asyncio.Task[list[Any]]] = set()
+        #: Claims whose caller was canceled, finishing in the background, and
+        #: the scripts giving back what they took.
+        self._orphans: set[asyncio.Future[Any]] = set()
 
     def _now(self) -> float:
         return self._clock.now().timestamp()
@@ -236,7 +237,7 @@ class RedisQueue(RedisBackend, JobQueue):
             return []
         deadline = self._clock.monotonic() + timeout_seconds
         now = self._now()
-        reply = await self._run("claim", repr(now), repr(now + lease_seconds), limit)
+        reply = await self._claim_now((repr(now), repr(now + lease_seconds), limit))
         while True:
             next_due, *ids = reply
             if ids:
@@ -251,7 +252,7 @@ class RedisQueue(RedisBackend, JobQueue):
             claim = (repr(now), repr(now + lease_seconds), limit)
             if next_due and float(next_due) <= now:
                 # A delayed id came due: claim it now, without waiting.
-                reply = await self._run("claim", *claim)
+                reply = await self._claim_now(claim)
                 continue
             # Never block longer than half the claim lease: the claim behind
             # the wait takes its lease from the time it was sent.
@@ -259,6 +260,28 @@ class RedisQueue(RedisBackend, JobQueue):
             if next_due:
                 wait = min(wait, float(next_due) - now)
             reply = await self._wait_then_claim(wait, claim)
+
+    async def _claim_now(self, claim: tuple[str, str, int]) -> list[Any]:
+        """Run the claim script in the pipeline; a canceled caller's ids go back.
+
+        The script is on its way (or run) once queued, whether or not the caller
+        stays: its reply is kept from the cancel, and what it took is made ready
+        again at once instead of waiting for the claim lease.
+        """
+        reply = self._enqueue(self._script_args("claim", self.keys, claim))
+        try:
+            result: list[Any] = await asyncio.shield(reply)
+        except asyncio.CancelledError:
+            self._adopt(reply)
+            raise
+        except (rexc.RedisError, OSError) as exc:
+            raise await self._failure(exc, "claim") from exc
+        return result
+
+    def _adopt(self, reply: asyncio.Future[list[Any]]) -> None:
+        """Give back, once it is in, what the claim of a canceled caller took."""
+        self._orphans.add(reply)
+        reply.add_done_callback(self._give_back)
 
     async def _wait_then_claim(
         self, wait: float, claim: tuple[str, str, int]
@@ -280,16 +303,20 @@ class RedisQueue(RedisBackend, JobQueue):
         try:
             return await asyncio.shield(exchange)
         except asyncio.CancelledError:
-            if not exchange.done():
-                self._orphans.add(exchange)
-                exchange.add_done_callback(self._give_back)
-                client_id = state.get("client_id")
-                if client_id is not None:
-                    unblock = asyncio.ensure_future(
-                        self._call("unblock", "CLIENT", "UNBLOCK", client_id)
-                    )
-                    unblock.add_done_callback(_ignore_outcome)
+            # Also when the exchange ended in the very turn the cancel came:
+            # its ids are then in hand, and nobody else will start them.
+            self._adopt(exchange)
+            state["abandoned"] = True
+            if not exchange.done() and "client_id" in state:
+                self._unblock(state["client_id"])
             raise
+
+    def _unblock(self, client_id: Any) -> None:
+        """End the wait of connection ``client_id`` now (best effort)."""
+        unblock = asyncio.ensure_future(
+            self._call("unblock", "CLIENT", "UNBLOCK", client_id)
+        )
+        unblock.add_done_callback(_ignore_outcome)
 
     async def _blocking_claim(
         self, wait: float, claim: tuple[str, str, int], state: dict[str, Any]
@@ -304,8 +331,13 @@ class RedisQueue(RedisBackend, JobQueue):
             pool: Any = self.client.connection_pool
             conn = await pool.get_connection()
             try:
+                if state.get("abandoned"):
+                    # The caller left while a connection was found: send nothing.
+                    return [""]
                 await conn.send_packed_command(conn.pack_commands(commands))
                 state["client_id"] = await conn.read_response()
+                if state.get("abandoned"):
+                    self._unblock(state["client_id"])
                 await conn.read_response()
                 try:
                     reply: list[Any] = await conn.read_response()
@@ -322,7 +354,7 @@ class RedisQueue(RedisBackend, JobQueue):
                 await pool.release(conn)
         return reply
 
-    def _give_back(self, exchange: asyncio.Task[list[Any]]) -> None:
+    def _give_back(self, exchange: asyncio.Future[list[Any]]) -> None:
         """Make ready again what a canceled caller's claim took."""
         self._orphans.discard(exchange)
         if exchange.cancelled() or exchange.exception() is not None:
@@ -330,19 +362,24 @@ class RedisQueue(RedisBackend, JobQueue):
         ids = [str(job_id) for job_id in exchange.result()[1:]]
         if not ids:
             return
-        logger.debug("claim canceled mid-wait; ids %s ready again", ids)
+        for job_id in ids:
+            logger.debug("job %s claimed for a canceled caller; ready again", job_id)
         task = asyncio.ensure_future(self._run("release", *ids))
         self._orphans.add(task)
-        task.add_done_callback(self._released)
 
-    def _released(self, task: asyncio.Task[Any]) -> None:
-        self._orphans.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning(
-                "ids claimed by a canceled wait could not be made ready (%s); "
-                "they return when their claim lease runs out",
-                task.exception(),
-            )
+        def released(task: asyncio.Future[Any]) -> None:
+            self._orphans.discard(task)
+            error = None if task.cancelled() else task.exception()
+            for job_id in ids if error is not None else ():
+                logger.warning(
+                    "job %s, claimed for a canceled caller, could not be made ready "
+                    "(%s); it returns when its claim lease runs out",
+                    job_id,
+                    error,
+                    extra={"job_id": job_id, "event": "queue.release_failed"},
+                )
+
+        task.add_done_callback(released)
 
     async def close(self) -> None:
         """Let canceled waits give their ids back, then close the connections."""

@@ -320,11 +320,22 @@ class SqliteStore(JobStore):
         self._checkpoint = asyncio.create_task(self._run_checkpoint())
 
     async def _run_checkpoint(self) -> None:
-        """Copy what the log holds into the file, waiting for no reader or writer."""
+        """Copy what the log holds into the file, waiting for no reader or writer.
+
+        A passive checkpoint never holds up a writer, but under writes that never
+        pause it cannot finish either, so the log is never started over and grows;
+        SQLite's own checkpoint in the writer can then lose its turn to this one.
+        When the log has reached the writer's threshold anyway, a RESTART
+        checkpoint follows: writers wait (their busy timeout) while the few
+        frames still left are copied, and the next write starts the log over.
+        """
         try:
             checkpointer = self._checkpointer
             if checkpointer is not None:
-                await checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                async with checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)") as c:
+                    row = await c.fetchone()
+                if row is not None and row[1] >= _WRITER_CHECKPOINT_PAGES:
+                    await checkpointer.execute("PRAGMA wal_checkpoint(RESTART)")
         except sqlite3.Error as exc:
             # Harmless: the next one (or, far later, a writer) catches up.
             logger.debug("checkpoint of %s skipped: %s", self.path, exc)

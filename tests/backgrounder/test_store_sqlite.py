@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from datetime import timedelta
 from pathlib import Path
 
@@ -143,3 +143,49 @@ async def test_close_waits_for_a_checkpoint_and_leaves_no_thread(
         assert (await again.count_by_status())[JobStatus.queued] == 300
     finally:
         await again.close()
+
+
+class _CheckpointRecorder:
+    """Stands in for the checkpoint connection: records what it is asked to run
+    and answers the PASSIVE checkpoint with a log of ``log_frames`` frames."""
+
+    def __init__(self, log_frames: int) -> None:
+        self.log_frames = log_frames
+        self.statements: list[str] = []
+
+    def execute(self, sql: str) -> _CheckpointRecorder:
+        self.statements.append(sql)
+        return self
+
+    async def __aenter__(self) -> _CheckpointRecorder:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def fetchone(self) -> tuple[int, int, int]:
+        return (0, self.log_frames, self.log_frames)
+
+    def __await__(self) -> Generator[None, None, _CheckpointRecorder]:
+        yield from asyncio.sleep(0).__await__()
+        return self
+
+
+@pytest.mark.parametrize(("log_frames", "restart"), [(200, False), (1500, True)])
+async def test_a_log_that_passive_checkpoints_let_grow_is_started_over(
+    store: SqliteStore, log_frames: int, restart: bool
+) -> None:
+    """Under writes that never pause a passive checkpoint never lets the log
+    start over; once it has reached the writer's own threshold, a RESTART
+    checkpoint (writers wait a moment) follows."""
+    real = store._checkpointer
+    recorder = _CheckpointRecorder(log_frames)
+    store._checkpointer = recorder  # type: ignore[assignment]
+    try:
+        await store._run_checkpoint()
+    finally:
+        store._checkpointer = real
+    expected = ["PRAGMA wal_checkpoint(PASSIVE)"]
+    if restart:
+        expected.append("PRAGMA wal_checkpoint(RESTART)")
+    assert recorder.statements == expected

@@ -9,6 +9,7 @@ real server (where the hiredis wire is used).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -232,6 +233,25 @@ async def test_a_batch_whose_reply_is_lost_is_not_sent_again() -> None:
         await store.close()
 
 
+async def _twin(queue: RedisQueue, clock: FakeClock) -> RedisQueue:
+    """Return another open queue on the same keys, as another process has."""
+    twin = RedisQueue(
+        REDIS_URL or "redis://fake/0",
+        prefix=queue.prefix,
+        client=None if queue._own_client else queue.client,
+    )
+    await twin.open(clock)
+    return twin
+
+
+async def _close_and_look(queue: RedisQueue, clock: FakeClock) -> RedisQueue:
+    """Close ``queue`` and return another, open view of the same keys (as another
+    process would see them after this one stopped)."""
+    twin = await _twin(queue, clock)
+    await queue.close()  # lets claims of canceled callers finish and give back
+    return twin
+
+
 async def test_a_canceled_wait_gives_back_what_its_claim_took(
     queue: RedisQueue, clock: FakeClock
 ) -> None:
@@ -242,19 +262,63 @@ async def test_a_canceled_wait_gives_back_what_its_claim_took(
     with pytest.raises(asyncio.CancelledError):
         await waiter
     await queue.push("x", priority=70)
-    # Another process's view of the same queue, open after this one closes.
-    twin = RedisQueue(
-        REDIS_URL or "redis://fake/0",
-        prefix=queue.prefix,
-        client=None if queue._own_client else queue.client,
-    )
-    await queue.close()  # lets the canceled wait finish and give back
-    await twin.open(clock)
+    twin = await _close_and_look(queue, clock)
     try:
         assert (await twin.size(), await twin.in_flight()) == (1, 0)
         await twin.push("y", priority=50)
         assert await twin.claim_many(
             worker_id="w", lease_seconds=30, timeout_seconds=0, limit=5
         ) == ["x", "y"]
+    finally:
+        await twin.close()
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_a_claim_canceled_as_a_push_wakes_it_loses_nothing(
+    queue: RedisQueue, clock: FakeClock, turns: int
+) -> None:
+    """Whichever loop turn the cancel lands in, even the one in which the claim
+    comes back with the id, the id ends either with the caller or ready."""
+    taken: list[str] = []
+    ready: list[str] = []
+    for round in range(5):
+        claimer = await _twin(queue, clock)  # a worker process, stopped below
+        waiter = await _waiting_claim(claimer)
+        await queue.push(f"x{round}", priority=50)
+        for _ in range(turns):
+            await asyncio.sleep(0)  # moves the cancel through the loop's turns
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            taken += await waiter
+        await claimer.close()
+        back = await queue.claim_many(
+            worker_id="w", lease_seconds=30, timeout_seconds=0, limit=5
+        )
+        await queue.ack_many(back)
+        ready += back
+    assert sorted(taken + ready) == [f"x{i}" for i in range(5)]
+    assert (await queue.size(), await queue.in_flight()) == (0, len(taken))
+
+
+@pytest.mark.parametrize("turns", range(1, 5))
+async def test_a_claim_canceled_before_its_reply_gives_back_what_it_took(
+    queue: RedisQueue, clock: FakeClock, turns: int
+) -> None:
+    await queue.push("x", priority=50)
+    claim = asyncio.create_task(
+        queue.claim_many(worker_id="w", lease_seconds=30, timeout_seconds=0, limit=5)
+    )
+    for _ in range(turns):
+        await asyncio.sleep(0)  # queued, then written, then maybe answered
+    claim.cancel()
+    taken: list[str] = []
+    with contextlib.suppress(asyncio.CancelledError):
+        taken = await claim
+    twin = await _close_and_look(queue, clock)
+    try:
+        assert (await twin.size(), await twin.in_flight()) == (
+            1 - len(taken),
+            len(taken),
+        )
     finally:
         await twin.close()

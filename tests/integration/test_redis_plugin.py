@@ -94,17 +94,17 @@ async def test_claim_waits_without_polling() -> None:
     )
     await queue.open(SystemClock())
     calls: list[str] = []
-    run, wait = queue._run, queue._wait_then_claim
+    claim, wait = queue._claim_now, queue._wait_then_claim
 
-    async def counting(name: str, *args: Any) -> Any:
-        calls.append(name)
-        return await run(name, *args)
+    async def counting(*args: Any) -> Any:
+        calls.append("claim")
+        return await claim(*args)
 
     async def counting_wait(*args: Any) -> Any:
         calls.append("wait, then claim")
         return await wait(*args)
 
-    queue._run = counting  # type: ignore[method-assign]
+    queue._claim_now = counting  # type: ignore[method-assign]
     queue._wait_then_claim = counting_wait  # type: ignore[method-assign]
     assert (
         await queue.claim(worker_id="w", lease_seconds=5, timeout_seconds=0.3) is None
