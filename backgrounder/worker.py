@@ -154,6 +154,8 @@ class Worker:
         self.running: dict[str, _Execution] = {}
         self.zombies = 0
         self._free = self.concurrency
+        #: Ids claimed by a batch still at work: what a stop leaves with nobody.
+        self._held: set[str] = set()
         self._slot_freed = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -205,6 +207,7 @@ class Worker:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+            await self._return_held()
             await self._return_unlaunched()
         for helper in (self._cancel_listener, self._waker):
             if helper is not None:
@@ -231,6 +234,44 @@ class Worker:
             self.worker_id,
             extra={"event": "worker.stopped", "worker_id": self.worker_id},
         )
+
+    async def _return_held(self) -> None:
+        """Queue again at once what the stopped claim loop claimed but never took.
+
+        A claim interrupted before its jobs were made running leaves their ids
+        in flight on the queue: they would come back only when their claim lease
+        runs out, seconds later (on a shared queue other workers wait for them).
+        Jobs made running but not launched are ``_return_unlaunched``'s.
+        """
+        held = [job_id for job_id in self._held if job_id not in self.running]
+        self._held.clear()
+        if not held:
+            return
+        store, queue = self.manager.store, self.manager.queue
+        try:
+            jobs = await store.get_many(held)
+            for job_id, job in zip(held, jobs, strict=True):
+                await queue.ack(job_id)
+                if job is None or job.status != JobStatus.queued:
+                    continue
+                await queue.push(job_id, priority=job.priority)
+                logger.info(
+                    "job %s: claimed as the worker stopped, before it started; "
+                    "queued again",
+                    job_id,
+                    extra=job_log_extra(
+                        job, event="job.requeued", worker_id=self.worker_id
+                    ),
+                )
+        except BackendError as exc:
+            logger.warning(
+                "worker %s could not return %d claimed id(s): %s; they return "
+                "when their claim lease runs out",
+                self.worker_id,
+                len(held),
+                exc,
+                extra={"event": "worker.stop_failed", "worker_id": self.worker_id},
+            )
 
     async def _return_unlaunched(self) -> None:
         """Queue again, uncharged, jobs this worker made running but never launched.
@@ -450,6 +491,20 @@ class Worker:
         )
         if not ids:
             return
+        self._held.update(ids)
+        stopped = False
+        try:
+            await self._take_claimed(ids, batch)
+        except asyncio.CancelledError:
+            stopped = True  # stop() gives back what is still held
+            raise
+        finally:
+            if not stopped:
+                self._held.difference_update(ids)
+
+    async def _take_claimed(self, ids: list[str], batch: _Batch) -> None:
+        """Read, admit and start the claimed ``ids``, then ack them."""
+        manager = self.manager
         # Jobs submitted in this process are known already; the rest are read.
         # A snapshot that turns out stale fails its compare-and-set below and
         # is read from the store and tried once more.
@@ -589,6 +644,7 @@ class Worker:
         await self.manager.queue.push(
             job.id, priority=job.priority, delay_seconds=delay
         )
+        self._held.discard(job.id)  # back on the queue with its delay: not ours
         info = resources.wait_info(job.id)
         reason = info.reason if info is not None else "does not fit"
         level = logging.WARNING if info is None or info.refusals == 1 else logging.DEBUG

@@ -139,3 +139,37 @@ async def test_b35_shutdown_during_a_claim_returns_the_job_uncharged(
     done = await wait_for(again, job.id, "done")
     assert (done.attempt, done.errors) == (1, [])
     assert probe.runs["j"] == 1
+
+
+@pytest.mark.all_backends
+async def test_shutdown_before_a_claimed_job_is_started_queues_it_at_once(
+    make_manager: ManagerFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped between the claim and the queued -> running write, the worker
+    hands the id back at once: nothing waits for the claim lease (the fake
+    clock never lets it run out), and the job runs once, on the next worker."""
+    probe = Probe()
+    registry = TaskRegistry()
+    registry.add("probe", probe)
+    manager = await make_manager(registry, clock=clock)
+    store = manager.store
+    entered = asyncio.Event()
+    update_many = store.update_many
+
+    async def held_update_many(updates: Any) -> list[Job | None]:
+        if any(u.fields.get("status") == JobStatus.running for u in updates):
+            entered.set()
+            await asyncio.Event().wait()  # until the worker is stopped
+        return await update_many(updates)
+
+    monkeypatch.setattr(store, "update_many", held_update_many)
+    job = await manager.submit("probe", {"name": "j"}, max_retries=0)
+    async with asyncio.timeout(10):
+        await entered.wait()  # claimed, still queued in the store
+
+    await manager.close()
+
+    again = await make_manager(registry, clock=clock)
+    done = await wait_for(again, job.id, "done")
+    assert (done.attempt, done.errors) == (1, [])
+    assert probe.runs["j"] == 1
