@@ -130,13 +130,14 @@ if ARGV[8] ~= '' then
   local cancel = redis.call('HGET', k, 'cancel_requested') or '0'
   if cancel ~= ARGV[8] then return false end
 end
-local touched = false
+local sets, dels, touched = {}, {}, false
 for i = 9, #ARGV, 3 do
   local op, name, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if op == 's' then
-    redis.call('HSET', k, name, value)
+    sets[#sets + 1] = name
+    sets[#sets + 1] = value
   elseif op == 'd' then
-    redis.call('HDEL', k, name)
+    dels[#dels + 1] = name
   else
     local list = redis.call('HGET', k, name) or '[]'
     if list == '[]' then
@@ -144,11 +145,18 @@ for i = 9, #ARGV, 3 do
     else
       list = string.sub(list, 1, -2) .. ',' .. value .. ']'
     end
-    redis.call('HSET', k, name, list)
+    sets[#sets + 1] = name
+    sets[#sets + 1] = list
   end
   if name == 'updated_at' then touched = true end
 end
-if not touched then redis.call('HSET', k, 'updated_at', now) end
+if not touched then
+  sets[#sets + 1] = 'updated_at'
+  sets[#sets + 1] = now
+end
+-- One HSET and one HDEL for all the fields: the caller never names a field twice.
+redis.call('HSET', k, unpack(sets))
+if #dels > 0 then redis.call('HDEL', k, unpack(dels)) end
 reindex(p, id, k, cur[1])
 """
 )
