@@ -15,7 +15,7 @@ from backgrounder.store.base import (
     APPEND_ERROR,
     JobStore,
     Update,
-    decode_row,
+    decode_values,
     encode_field,
     to_epoch,
 )
@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 _FIELDS = [name for name in Job.model_fields]
 _UPDATABLE = frozenset(_FIELDS) - {"id"}
-_INTS = frozenset({"priority", "attempt", "retries", "max_retries"})
 
 # Keys, all under the prefix P (passed as ARGV[1]; the scripts build the names):
 #   P:job:<id>        hash: the job's fields, encoded as encode_field does (JSON
@@ -174,15 +173,11 @@ def _text(value: Any) -> str:
 def _decode(flat: Any) -> Job:
     """Build a Job from a hash as HGETALL returns it (a dict or a flat list)."""
     if isinstance(flat, dict):
-        row: dict[str, Any] = dict(flat)
+        row: dict[str, Any] = flat
     else:
         row = dict(zip(flat[::2], flat[1::2], strict=True))
-    for name in _INTS:
-        if name in row:
-            row[name] = int(row[name])
-    if "timeout_seconds" in row:
-        row["timeout_seconds"] = float(row["timeout_seconds"])
-    return decode_row(row)
+    get = row.get
+    return decode_values([get(name) for name in _FIELDS])
 
 
 class RedisStore(RedisBackend, JobStore):

@@ -9,8 +9,10 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring as _quote
 from typing import Any
 
+from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from backgrounder.clock import Clock
@@ -30,6 +32,7 @@ __all__ = [
     "JobStore",
     "Update",
     "decode_row",
+    "decode_values",
     "encode_field",
     "from_epoch",
     "to_epoch",
@@ -98,6 +101,54 @@ def encode_field(name: str, value: Any) -> Any:
     if name == "status":
         return str(value)
     return value
+
+
+_TEXT, _RAW, _BOOL, _NUMBER = "text", "raw", "bool", "number"
+_NUMBER_FIELDS = frozenset(
+    {"priority", "attempt", "retries", "max_retries", "timeout_seconds"}
+)
+_FIELD_NAMES = tuple(Job.model_fields)
+_KINDS = tuple(
+    _RAW
+    if name in JSON_FIELDS
+    else _BOOL
+    if name == "cancel_requested"
+    else _NUMBER
+    if name in TIME_FIELDS or name in _NUMBER_FIELDS
+    else _TEXT
+    for name in _FIELD_NAMES
+)
+_PREFIXES = tuple(f'"{name}":' for name in _FIELD_NAMES)
+
+
+def decode_values(values: Sequence[Any]) -> Job:
+    """Build a Job from its stored values, one per field in ``Job.model_fields``
+    order (None for an absent one).
+
+    The values become one JSON document that pydantic parses and validates in
+    one call: JSON fields are spliced in as they are stored, text is escaped,
+    numbers (epoch seconds too, read as UTC datetimes) are written as they are.
+    A number or flag may be given as its text. This costs about half of
+    ``decode_row``, which parses each field on its own, and gives the same Job.
+    """
+    parts: builtins.list[str] = []
+    for kind, prefix, value in zip(_KINDS, _PREFIXES, values, strict=True):
+        if value is None:
+            continue
+        if kind is _TEXT:
+            parts.append(prefix + _quote(value))
+        elif kind is _RAW:
+            parts.append(prefix + value)
+        elif kind is _BOOL:
+            parts.append(prefix + ("false" if value in (0, "0") else "true"))
+        else:
+            parts.append(prefix + (value if isinstance(value, str) else repr(value)))
+    try:
+        return Job.model_validate_json("{" + ",".join(parts) + "}")
+    except ValidationError:
+        # pydantic's JSON parser refuses what json accepts (a lone surrogate
+        # escaped in a message); the field-by-field path reads it, or raises.
+        return decode_row(dict(zip(_FIELD_NAMES, values, strict=True)))
 
 
 def decode_row(row: Mapping[str, Any]) -> Job:

@@ -10,13 +10,11 @@ import sqlite3
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
-from json.encoder import encode_basestring as _quote
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiosqlite
-from pydantic import ValidationError
 
 from backgrounder.clock import Clock, SystemClock
 from backgrounder.errors import ConfigurationError, StoreError
@@ -24,11 +22,9 @@ from backgrounder.hookspecs import hookimpl
 from backgrounder.models import Job, JobPage, JobStatus
 from backgrounder.store.base import (
     APPEND_ERROR,
-    JSON_FIELDS,
-    TIME_FIELDS,
     JobStore,
     Update,
-    decode_row,
+    decode_values,
     encode_field,
     to_epoch,
 )
@@ -37,34 +33,8 @@ __all__ = ["SqliteStore", "path_from_url"]
 
 logger = logging.getLogger(__name__)
 
-_COLUMNS = [
-    "id",
-    "task",
-    "params",
-    "status",
-    "priority",
-    "attempt",
-    "retries",
-    "max_retries",
-    "timeout_seconds",
-    "idempotency_key",
-    "resources",
-    "progress",
-    "assets",
-    "error",
-    "errors",
-    "cancel_requested",
-    "worker_id",
-    "lease_expires_at",
-    "run_after",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "updated_at",
-]
-_NUMBER_COLUMNS = frozenset(
-    {"priority", "attempt", "retries", "max_retries", "timeout_seconds"}
-)
+#: Every Job field has a column of its name, in the model's order.
+_COLUMNS = list(Job.model_fields)
 _RETURNING = "seq, " + ", ".join(_COLUMNS)
 _SELECT = f"SELECT {_RETURNING} FROM jobs"
 _INSERT = (
@@ -615,45 +585,8 @@ class SqliteStore(JobStore):
 
 
 def _decode(row: Row) -> Job:
-    """Build a Job from a row of ``seq`` followed by ``_COLUMNS``.
-
-    The row becomes one JSON document that pydantic parses and validates in one
-    call: JSON columns are spliced in as they are stored, text is escaped, and
-    epoch seconds are numbers (pydantic reads them as UTC datetimes). This is
-    about half the cost of ``decode_row``, which parses each column on its own.
-    """
-    parts: builtins.list[str] = []
-    for kind, prefix, value in zip(_KINDS, _PREFIXES, row[1:], strict=True):
-        if value is None:
-            continue
-        if kind is _TEXT:
-            parts.append(prefix + _quote(value))
-        elif kind is _RAW:
-            parts.append(prefix + value)
-        elif kind is _BOOL:
-            parts.append(prefix + ("true" if value else "false"))
-        else:
-            parts.append(prefix + repr(value))
-    try:
-        return Job.model_validate_json("{" + ",".join(parts) + "}")
-    except ValidationError:
-        # pydantic's JSON parser refuses what json accepts (a lone surrogate
-        # escaped in a message); the column-by-column path reads it, or raises.
-        return decode_row(dict(zip(_COLUMNS, row[1:], strict=True)))
-
-
-_TEXT, _RAW, _BOOL, _NUMBER = "text", "raw", "bool", "number"
-_KINDS = tuple(
-    _RAW
-    if name in JSON_FIELDS
-    else _BOOL
-    if name == "cancel_requested"
-    else _NUMBER
-    if name in TIME_FIELDS or name in _NUMBER_COLUMNS
-    else _TEXT
-    for name in _COLUMNS
-)
-_PREFIXES = tuple(f'"{name}":' for name in _COLUMNS)
+    """Build a Job from a row of ``seq`` followed by ``_COLUMNS``."""
+    return decode_values(row[1:])
 
 
 _COLUMN_SET = frozenset(_COLUMNS) - {"id"}

@@ -25,6 +25,8 @@ from backgrounder.store.base import (
     APPEND_ERROR,
     JobStore,
     Update,
+    decode_row,
+    decode_values,
     encode_field,
     from_epoch,
 )
@@ -80,6 +82,47 @@ def test_stored_times_read_back_to_the_microsecond(when: datetime) -> None:
     stored = encode_field("created_at", when)
     assert from_epoch(stored) == when
     assert from_epoch(float(repr(stored))) == when
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+@pytest.mark.parametrize("message", ["disk full", "bad byte \udcff"])
+def test_stored_values_decode_to_the_job_they_came_from(
+    message: str, cancel: bool
+) -> None:
+    """Stores hand their values back natively (SQLite) or as text (a Redis hash);
+    either way, the one-document decode and the field-by-field one give the job
+    that was stored, every field set, even text pydantic's JSON cannot parse."""
+    clock = FakeClock()
+    error = ErrorInfo(code=ErrorCode.timeout, message=message, attempt=2)
+    job = make_job(
+        clock,
+        status=JobStatus.running,
+        priority=7,
+        attempt=2,
+        retries=1,
+        max_retries=4,
+        timeout_seconds=0.25,
+        idempotency_key='k\u00e9y "quoted"',
+        resources=ResourceRequest(memory_mb=64, gpus=1),
+        progress=Progress(percent=50.0, stage=Stage.fetch, processed=5, total=10),
+        assets=Assets(custom={"out": [1, 2.5]}, extra_group={"x": True}),
+        error=error,
+        errors=[error],
+        cancel_requested=cancel,
+        worker_id="w-1",
+        lease_expires_at=clock.now() + timedelta(seconds=30),
+        run_after=clock.now() - timedelta(seconds=1),
+        started_at=clock.now(),
+        finished_at=clock.now() + timedelta(microseconds=1),
+    )
+    native = [encode_field(name, getattr(job, name)) for name in Job.model_fields]
+    text = [
+        None if v is None else repr(v) if isinstance(v, float) else str(v)
+        for v in native
+    ]
+    assert decode_values(native) == job
+    assert decode_values(text) == job
+    assert decode_row(dict(zip(Job.model_fields, native, strict=True))) == job
 
 
 async def test_get_unknown_id_is_none(store: JobStore) -> None:
