@@ -302,6 +302,9 @@ def _add_submit(router: APIRouter) -> None:
         job_request, raw = _parse_request(body, settings.max_params_depth)
         key = job_request.idempotency_key
         if idempotency_key_header is not None:
+            idempotency_key_header = _header_text(
+                "Idempotency-Key", idempotency_key_header
+            )
             if key is not None and key != idempotency_key_header:
                 raise SubmitError(
                     f"the Idempotency-Key header ({idempotency_key_header!r}) and "
@@ -325,6 +328,23 @@ def _add_submit(router: APIRouter) -> None:
             status_code=202 if created else 200,
             headers={"Location": location},
         )
+
+
+def _header_text(name: str, value: str) -> str:
+    """Return a header's value as the client wrote it.
+
+    HTTP carries header values as bytes and Starlette reads them as latin-1, so
+    a key a client sent as UTF-8 ("clé") would arrive garbled ("clÃ©"), differ
+    from the same key sent in the body, and show garbled in every reply.
+    """
+    raw = value.encode("latin-1")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SubmitError(
+            f"the {name} header is not UTF-8 text ({raw!r}); send it as UTF-8, "
+            "or as the body's idempotency_key"
+        ) from None
 
 
 def _add_listing(router: APIRouter) -> None:

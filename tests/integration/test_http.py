@@ -235,6 +235,35 @@ async def test_http_idempotency_header_and_body_differ_is_422(tmp_path: Path) ->
     assert "differ" in response.json()["detail"]
 
 
+async def test_http_idempotency_header_is_read_as_utf8(tmp_path: Path) -> None:
+    """A non-ASCII key in the header is the same key as in the body; a header
+    that is not UTF-8 is refused with what to send instead."""
+    app, _ = make_app(tmp_path, worker_count=0)
+    async with serve(app) as client:
+        first = await client.post(
+            API,
+            json={"task": "noop"},
+            headers={"Idempotency-Key": "clé ☃".encode()},
+        )
+        by_body = await client.post(
+            API, json={"task": "noop", "idempotency_key": "clé ☃"}
+        )
+        both = await client.post(
+            API,
+            json={"task": "noop", "idempotency_key": "clé ☃"},
+            headers={"Idempotency-Key": "clé ☃".encode()},
+        )
+        latin1 = await client.post(
+            API, json={"task": "noop"}, headers={"Idempotency-Key": b"cl\xe9"}
+        )
+    assert first.status_code == 202
+    assert first.json()["idempotency_key"] == "clé ☃"
+    assert by_body.status_code == both.status_code == 200
+    assert by_body.json()["id"] == both.json()["id"] == first.json()["id"]
+    assert latin1.status_code == 422
+    assert "not UTF-8" in latin1.json()["detail"]
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
