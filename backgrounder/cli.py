@@ -16,11 +16,13 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 
 from backgrounder.errors import BackgrounderError, ConfigurationError
 from backgrounder.manager import JobManager
 from backgrounder.resources import ResourceLimits
+from backgrounder.settings import ManagerSettings
 from backgrounder.tasks import TaskRegistry
 
 __all__ = ["app", "load_registry", "main"]
@@ -32,6 +34,8 @@ app = typer.Typer(
     help="Run backgrounder workers, the demo, and look at jobs.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain help wraps long option names instead of cutting them at 80 columns.
+    rich_markup_mode=None,
 )
 
 
@@ -78,6 +82,11 @@ def load_registry(target: str) -> TaskRegistry:
     return registry
 
 
+def _about(model: type[BaseModel], name: str) -> str | None:
+    """A setting's one-line description, shared by the model and the help."""
+    return model.model_fields[name].description
+
+
 @app.command()
 def worker(
     target: Annotated[str, typer.Argument(help="MODULE:ATTR of a TaskRegistry.")],
@@ -91,16 +100,42 @@ def worker(
     worker_id: Annotated[
         str | None, typer.Option(help="Worker id; default host:pid:suffix.")
     ] = None,
-    lease_seconds: Annotated[float, typer.Option(min=0.1)] = 30.0,
-    cancel_grace_seconds: Annotated[float, typer.Option(min=0)] = 5.0,
-    shutdown_grace_seconds: Annotated[float, typer.Option(min=0)] = 10.0,
-    retry_backoff_seconds: Annotated[float, typer.Option(min=0)] = 1.0,
-    retry_backoff_max_seconds: Annotated[float, typer.Option(min=0)] = 300.0,
-    poll_seconds: Annotated[float, typer.Option(min=0.01)] = 1.0,
-    max_concurrent_jobs: Annotated[int | None, typer.Option(min=1)] = None,
-    max_memory_mb: Annotated[int | None, typer.Option(min=1)] = None,
-    max_cpu_percent: Annotated[float | None, typer.Option(min=1, max=100)] = None,
-    max_gpu_memory_mb: Annotated[int | None, typer.Option(min=1)] = None,
+    lease_seconds: Annotated[
+        float, typer.Option(min=0.1, help=_about(ManagerSettings, "lease_seconds"))
+    ] = 30.0,
+    cancel_grace_seconds: Annotated[
+        float, typer.Option(min=0, help=_about(ManagerSettings, "cancel_grace_seconds"))
+    ] = 5.0,
+    shutdown_grace_seconds: Annotated[
+        float,
+        typer.Option(min=0, help=_about(ManagerSettings, "shutdown_grace_seconds")),
+    ] = 10.0,
+    retry_backoff_seconds: Annotated[
+        float,
+        typer.Option(min=0, help=_about(ManagerSettings, "retry_backoff_seconds")),
+    ] = 1.0,
+    retry_backoff_max_seconds: Annotated[
+        float,
+        typer.Option(min=0, help=_about(ManagerSettings, "retry_backoff_max_seconds")),
+    ] = 300.0,
+    poll_seconds: Annotated[
+        float, typer.Option(min=0.01, help=_about(ManagerSettings, "poll_seconds"))
+    ] = 1.0,
+    max_concurrent_jobs: Annotated[
+        int | None,
+        typer.Option(min=1, help="Jobs running at once; can only lower --concurrency."),
+    ] = None,
+    max_memory_mb: Annotated[
+        int | None, typer.Option(min=1, help=_about(ResourceLimits, "max_memory_mb"))
+    ] = None,
+    max_cpu_percent: Annotated[
+        float | None,
+        typer.Option(min=1, max=100, help=_about(ResourceLimits, "max_cpu_percent")),
+    ] = None,
+    max_gpu_memory_mb: Annotated[
+        int | None,
+        typer.Option(min=1, help=_about(ResourceLimits, "max_gpu_memory_mb")),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "INFO",
 ) -> None:
     """Run a worker process until SIGTERM or SIGINT, then drain and exit."""
@@ -261,7 +296,7 @@ def jobs_list(
     prefix: PrefixOption = "/api/v1",
     status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
     task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Jobs per page.")] = 20,
     cursor: Annotated[str | None, typer.Option(help="next_cursor of a page.")] = None,
 ) -> None:
     """List jobs, newest first."""

@@ -8,8 +8,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
+import typer
 import uvicorn
 from typer.testing import CliRunner
 
@@ -94,6 +96,20 @@ def test_cli_worker_command_is_still_there() -> None:
     code, output = run("worker", "no_colon_here")
     assert code == 2
     assert "MODULE:ATTR" in output
+
+
+def test_cli_worker_help_shows_every_option_whole_and_explained() -> None:
+    """In an 80-column terminal every option keeps its whole name, and each one
+    says what it does."""
+    result = CliRunner().invoke(cli, ["worker", "--help"], terminal_width=80)
+    assert result.exit_code == 0
+    command = typer.main.get_command(cli).commands["worker"]  # type: ignore[attr-defined]
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.opts[0] in result.output
+            assert param.help, f"{param.opts[0]} has no help"
+    assert "…" not in result.output
+    assert "--help <bool>" not in result.output
 
 
 def test_cli_help_lists_demo_and_jobs() -> None:
