@@ -15,8 +15,9 @@ from backgrounder.store.base import (
     APPEND_ERROR,
     JobStore,
     Update,
-    decode_values,
+    decode_row,
     encode_field,
+    refuse_missing_required,
     to_epoch,
 )
 from backgrounder_redis._common import RedisBackend
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _FIELDS = [name for name in Job.model_fields]
 _UPDATABLE = frozenset(_FIELDS) - {"id"}
+_INTS = frozenset({"priority", "attempt", "retries", "max_retries"})
 
 # Keys, all under the prefix P (passed as ARGV[1]; the scripts build the names):
 #   P:job:<id>        hash: the job's fields, encoded as encode_field does (JSON
@@ -153,9 +155,11 @@ if not touched then
   sets[#sets + 1] = 'updated_at'
   sets[#sets + 1] = now
 end
--- One HSET and one HDEL for all the fields: the caller never names a field twice.
-redis.call('HSET', k, unpack(sets))
+-- One HDEL, then one HSET, for all the fields. A field both deleted and
+-- appended to ends with the append (made from the stored list), and of two
+-- values set for one field the last wins: as one SQL UPDATE does.
 if #dels > 0 then redis.call('HDEL', k, unpack(dels)) end
+if #sets > 0 then redis.call('HSET', k, unpack(sets)) end
 reindex(p, id, k, cur[1])
 """
 )
@@ -171,13 +175,22 @@ def _text(value: Any) -> str:
 
 
 def _decode(flat: Any) -> Job:
-    """Build a Job from a hash as HGETALL returns it (a dict or a flat list)."""
+    """Build a Job from a hash as HGETALL returns it (a dict or a flat list).
+
+    Field by field: a hash holds text, so each number and each JSON value is
+    read on its own, and anything that is not one is an error, never part of
+    another field.
+    """
     if isinstance(flat, dict):
-        row: dict[str, Any] = flat
+        row: dict[str, Any] = dict(flat)
     else:
         row = dict(zip(flat[::2], flat[1::2], strict=True))
-    get = row.get
-    return decode_values([get(name) for name in _FIELDS])
+    for name in _INTS:
+        if name in row:
+            row[name] = int(row[name])
+    if "timeout_seconds" in row:
+        row["timeout_seconds"] = float(row["timeout_seconds"])
+    return decode_row(row)
 
 
 class RedisStore(RedisBackend, JobStore):
@@ -337,6 +350,7 @@ class RedisStore(RedisBackend, JobStore):
 
     def _update_args(self, u: Update) -> builtins.list[Any] | None:
         """Return the update script's ARGV, or None when it cannot match."""
+        refuse_missing_required(u.fields)
         args: builtins.list[Any] = [
             self.prefix,
             u.job_id,

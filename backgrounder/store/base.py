@@ -6,6 +6,7 @@ import abc
 import asyncio
 import builtins
 import json
+import typing
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from backgrounder.models import (
 __all__ = [
     "APPEND_ERROR",
     "JSON_FIELDS",
+    "REQUIRED_FIELDS",
     "TIME_FIELDS",
     "JobStore",
     "Update",
@@ -35,11 +37,32 @@ __all__ = [
     "decode_values",
     "encode_field",
     "from_epoch",
+    "refuse_missing_required",
     "to_epoch",
 ]
 
+
+def _may_be_none(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
 #: Pseudo-field for ``update``: append this ErrorInfo to ``errors`` atomically.
 APPEND_ERROR = "append_error"
+
+#: Job fields that always have a value: an update cannot set them to None.
+REQUIRED_FIELDS = frozenset(
+    name
+    for name, info in Job.model_fields.items()
+    if info.is_required() or not _may_be_none(info.annotation)
+)
+
+
+def refuse_missing_required(fields: Mapping[str, Any]) -> None:
+    """Raise ValueError if an update would set a required field to None."""
+    for name, value in fields.items():
+        if value is None and name in REQUIRED_FIELDS:
+            raise ValueError(f"{name!r} is a required job field; it cannot be None")
+
 
 #: Job fields stored as JSON text.
 JSON_FIELDS = frozenset(
@@ -103,7 +126,7 @@ def encode_field(name: str, value: Any) -> Any:
     return value
 
 
-_TEXT, _RAW, _BOOL, _NUMBER = "text", "raw", "bool", "number"
+_TEXT, _RAW, _BOOL, _NUMBER, _TIME = "text", "raw", "bool", "number", "time"
 _NUMBER_FIELDS = frozenset(
     {"priority", "attempt", "retries", "max_retries", "timeout_seconds"}
 )
@@ -113,41 +136,66 @@ _KINDS = tuple(
     if name in JSON_FIELDS
     else _BOOL
     if name == "cancel_requested"
+    else _TIME
+    if name in TIME_FIELDS
     else _NUMBER
-    if name in TIME_FIELDS or name in _NUMBER_FIELDS
+    if name in _NUMBER_FIELDS
     else _TEXT
     for name in _FIELD_NAMES
 )
 _PREFIXES = tuple(f'"{name}":' for name in _FIELD_NAMES)
+#: Epoch seconds pydantic reads exactly as seconds: it takes larger numbers
+#: for milliseconds, and gets the fraction of a negative one wrong.
+_PLAIN_EPOCH_LIMIT = 1e10
+
+
+class _Unusual(Exception):
+    """A stored value the one-document decode does not take as it is."""
+
+
+def _json_value(kind: str, value: Any) -> str:
+    """Return the JSON text of one stored value, or raise _Unusual."""
+    kind_of = type(value)
+    if kind is _TEXT:
+        if kind_of is str:
+            return _quote(value)
+    elif kind is _RAW:
+        if kind_of is str:
+            return value  # type: ignore[no-any-return]
+    elif kind is _BOOL:
+        if value == 0 or value == 1:
+            return "true" if value else "false"
+    elif kind_of is int or kind_of is float:
+        if kind is _NUMBER or 0 <= value < _PLAIN_EPOCH_LIMIT:
+            return repr(value)
+        try:
+            return '"' + datetime.fromtimestamp(value, UTC).isoformat() + '"'
+        except (ValueError, OverflowError, OSError):
+            pass  # decode_row names what is wrong with it
+    raise _Unusual
 
 
 def decode_values(values: Sequence[Any]) -> Job:
-    """Build a Job from its stored values, one per field in ``Job.model_fields``
-    order (None for an absent one).
+    """Build a Job from a SQLite row: one value per field, in ``Job.model_fields``
+    order, typed as SQLite returns them (None for an absent one).
 
     The values become one JSON document that pydantic parses and validates in
-    one call: JSON fields are spliced in as they are stored, text is escaped,
-    numbers (epoch seconds too, read as UTC datetimes) are written as they are.
-    A number or flag may be given as its text. This costs about half of
-    ``decode_row``, which parses each field on its own, and gives the same Job.
+    one call: JSON columns are spliced in as they are stored, text is escaped,
+    numbers are written as they are (epoch seconds from 1970 to 2286 too, which
+    pydantic reads as UTC datetimes; others as ISO text). This costs about half
+    of ``decode_row``, which parses each column on its own. A value of another
+    type than its column's, or text pydantic's JSON parser refuses (a lone
+    surrogate escaped in a message), takes the ``decode_row`` path, which reads
+    it or raises.
     """
-    parts: builtins.list[str] = []
-    for kind, prefix, value in zip(_KINDS, _PREFIXES, values, strict=True):
-        if value is None:
-            continue
-        if kind is _TEXT:
-            parts.append(prefix + _quote(value))
-        elif kind is _RAW:
-            parts.append(prefix + value)
-        elif kind is _BOOL:
-            parts.append(prefix + ("false" if value in (0, "0") else "true"))
-        else:
-            parts.append(prefix + (value if isinstance(value, str) else repr(value)))
     try:
+        parts = [
+            prefix + _json_value(kind, value)
+            for kind, prefix, value in zip(_KINDS, _PREFIXES, values, strict=True)
+            if value is not None
+        ]
         return Job.model_validate_json("{" + ",".join(parts) + "}")
-    except ValidationError:
-        # pydantic's JSON parser refuses what json accepts (a lone surrogate
-        # escaped in a message); the field-by-field path reads it, or raises.
+    except (_Unusual, ValidationError):
         return decode_row(dict(zip(_FIELD_NAMES, values, strict=True)))
 
 

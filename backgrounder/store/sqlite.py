@@ -26,6 +26,7 @@ from backgrounder.store.base import (
     Update,
     decode_values,
     encode_field,
+    refuse_missing_required,
     to_epoch,
 )
 
@@ -521,6 +522,7 @@ class SqliteStore(JobStore):
         self, u: Update, *, returning: bool = True
     ) -> tuple[str, builtins.list[Any]]:
         fields = u.fields
+        refuse_missing_required(fields)
         statuses = (
             None if u.expect_status is None else tuple(str(s) for s in u.expect_status)
         )

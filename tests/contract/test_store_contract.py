@@ -125,6 +125,58 @@ def test_stored_values_decode_to_the_job_they_came_from(
     assert decode_row(dict(zip(Job.model_fields, native, strict=True))) == job
 
 
+async def test_times_far_from_now_read_back_exactly(
+    store: JobStore, clock: FakeClock
+) -> None:
+    """Times before 1970 and after 2286 read back as stored: not as milliseconds,
+    and a fraction before 1970 keeps its sign."""
+    job = make_job(
+        clock,
+        run_after=datetime(3000, 1, 1, tzinfo=UTC),
+        started_at=datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        finished_at=datetime(1900, 6, 1, 12, tzinfo=UTC),
+        lease_expires_at=datetime(9999, 12, 31, tzinfo=UTC),
+    )
+    await store.create(job)
+    assert await store.get(job.id) == job
+    page = await store.list()
+    assert page.items == [job]
+
+
+@pytest.mark.parametrize("name", ["task", "status", "errors", "updated_at"])
+async def test_an_update_cannot_empty_a_required_field(
+    store: JobStore, clock: FakeClock, name: str
+) -> None:
+    """Setting a field every job has to None is refused before anything is
+    written, on every store, and the job reads back as it was."""
+    job, _ = await store.create(make_job(clock))
+    with pytest.raises(ValueError, match=f"'{name}' is a required job field"):
+        await store.update(job.id, {name: None, "priority": 1})
+    assert await store.get(job.id) == job
+
+
+@pytest.mark.parametrize("append_last", [True, False])
+async def test_errors_set_and_appended_in_one_update_agree(
+    store: JobStore, clock: FakeClock, append_last: bool
+) -> None:
+    """An update naming ``errors`` and an append to it ends as one SQL UPDATE
+    does on every store: the append builds on the stored list, and the one
+    named last wins."""
+    first = ErrorInfo(code=ErrorCode.timeout, message="first")
+    second = ErrorInfo(code=ErrorCode.execution_error, message="second")
+    job, _ = await store.create(make_job(clock))
+    await store.update(job.id, {APPEND_ERROR: first})
+    fields: dict[str, Any] = (
+        {"errors": [], APPEND_ERROR: second}
+        if append_last
+        else {APPEND_ERROR: second, "errors": []}
+    )
+    updated = await store.update(job.id, fields)
+    assert updated is not None
+    assert updated.errors == ([first, second] if append_last else [])
+    assert await store.get(job.id) == updated
+
+
 async def test_get_unknown_id_is_none(store: JobStore) -> None:
     assert await store.get("no-such-job") is None
 

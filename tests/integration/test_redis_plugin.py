@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import fakeredis
@@ -14,11 +15,16 @@ import redis.exceptions as rexc
 from backgrounder import JobManager, NoopRunner, TaskRegistry
 from backgrounder.clock import SystemClock
 from backgrounder.errors import ConfigurationError, QueueError, StoreError
+from backgrounder.models import Job
 from backgrounder_redis import RedisQueue, RedisSettings, RedisStore
 from backgrounder_redis._common import translate_errors
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.redis
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
 
 
 def fake_client(server: fakeredis.FakeServer) -> Any:
@@ -64,6 +70,34 @@ async def test_the_prefix_keeps_two_deployments_apart() -> None:
     await b.open(clock)
     await a.push("x", priority=50)
     assert await b.size() == 0 and await a.size() == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "garbage"),
+    [
+        ("priority", '50,"status":"failed"'),
+        ("priority", "true"),
+        ("errors", '[],"priority":99'),
+        ("cancel_requested", "false"),
+        ("created_at", "null"),
+    ],
+)
+async def test_a_hand_edited_hash_reads_as_an_error_not_as_another_job(
+    field: str, garbage: str
+) -> None:
+    """A field edited by hand into something that is not its kind of value makes
+    reading the job fail; it never leaks into another field."""
+    server = fakeredis.FakeServer()
+    client = fake_client(server)
+    store = RedisStore(prefix="edit", client=fake_client(server))
+    await store.open(SystemClock())
+    job, _ = await store.create(
+        Job(id="j1", task="t", created_at=now(), updated_at=now())
+    )
+    assert await store.get(job.id) == job
+    await client.hset(f"edit:job:{job.id}", field, garbage)
+    with pytest.raises(ValueError):
+        await store.get(job.id)
 
 
 async def test_b32_read_only_reply_becomes_a_store_error_and_drops_connections() -> (
