@@ -18,6 +18,7 @@ The tree::
     │   └── IdempotencyConflictError  the key was used for another request
     ├── BackendError
     │   ├── StoreError
+    │   │   └── CorruptJobError       a stored job cannot be read back
     │   └── QueueError
     ├── ResourceError
     └── NonRetryableError             raised by a runner to fail without retries
@@ -29,6 +30,7 @@ __all__ = [
     "BackendError",
     "BackgrounderError",
     "ConfigurationError",
+    "CorruptJobError",
     "IdempotencyConflictError",
     "InvalidParamsError",
     "JobCanceled",
@@ -157,6 +159,23 @@ class BackendError(BackgrounderError):
 
 class StoreError(BackendError):
     """Raised when the job store fails; the message names the store."""
+
+
+class CorruptJobError(StoreError):
+    """Raised when a stored job cannot be read back as a Job.
+
+    Its record was changed outside backgrounder (or is damaged): a field holds
+    something that is not that field's kind of value. Reads of many jobs leave it
+    out and log it; reading it alone raises this.
+    """
+
+    def __init__(self, job_id: str, store: str, cause: BaseException) -> None:
+        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        super().__init__(
+            f"job {job_id!r} in {store} cannot be read: {reason}; repair or delete "
+            "its stored record"
+        )
+        self.job_id = job_id
 
 
 class QueueError(BackendError):

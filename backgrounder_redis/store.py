@@ -17,6 +17,8 @@ from backgrounder.store.base import (
     Update,
     decode_row,
     encode_field,
+    read_job,
+    read_jobs,
     refuse_missing_required,
     to_epoch,
 )
@@ -211,6 +213,10 @@ class RedisStore(RedisBackend, JobStore):
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
+    def _read(self, flat: Any, job_id: str) -> Job:
+        """Decode one hash; CorruptJobError if it cannot be read."""
+        return read_job(_decode, flat, job_id, f"Redis store {self.prefix!r}")
+
     async def open(self, clock: Clock) -> None:
         """Connect and check the server accepts writes."""
         await self._connect(clock)
@@ -245,12 +251,12 @@ class RedisStore(RedisBackend, JobStore):
             # to this job (epoch floats round-trip to the microsecond).
             return job, True
         created, flat = reply
-        return _decode(flat), bool(created)
+        return self._read(flat, job.id), bool(created)
 
     async def get(self, job_id: str) -> Job | None:
         """Return the job, or None."""
         flat = await self._call("get", "HGETALL", self._key(job_id))
-        return _decode(flat) if flat else None
+        return self._read(flat, job_id) if flat else None
 
     async def get_many(self, job_ids: Sequence[str]) -> builtins.list[Job | None]:
         """Return the jobs (None for an unknown id) in order, in one round trip."""
@@ -259,7 +265,11 @@ class RedisStore(RedisBackend, JobStore):
         rows = await self._call_many(
             "get", [("HGETALL", self._key(job_id)) for job_id in job_ids]
         )
-        return [_decode(row) if row else None for row in rows]
+        stored = [
+            (job_id, row) for job_id, row in zip(job_ids, rows, strict=True) if row
+        ]
+        read = iter(read_jobs(_decode, stored, f"Redis store {self.prefix!r}"))
+        return [next(read) if row else None for row in rows]
 
     async def _get_many(self, ids: builtins.list[str]) -> builtins.list[Job]:
         return [job for job in await self.get_many(ids) if job is not None]
@@ -323,7 +333,7 @@ class RedisStore(RedisBackend, JobStore):
         if args is None:
             return None
         flat = await self._script("update", (), args)
-        return _decode(flat) if flat else None
+        return self._read(flat, job_id) if flat else None
 
     async def update_many(self, updates: Sequence[Update]) -> builtins.list[Job | None]:
         """Run each compare-and-set as its own script, all in one round trip.
@@ -336,9 +346,9 @@ class RedisStore(RedisBackend, JobStore):
         ]
         replies = iter(await self._call_many("update", commands) if commands else [])
         results: builtins.list[Job | None] = []
-        for args in argv:
+        for u, args in zip(updates, argv, strict=True):
             flat = next(replies) if args is not None else None
-            results.append(_decode(flat) if flat else None)
+            results.append(self._read(flat, u.job_id) if flat else None)
         return results
 
     async def apply(self, update: Update) -> bool:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from backgrounder.errors import (
     BackendError,
     ConfigurationError,
+    CorruptJobError,
     IdempotencyConflictError,
     InvalidParamsError,
     JobNotFoundError,
@@ -70,6 +71,8 @@ ERROR_STATUS: Sequence[tuple[type[BaseException], int]] = (
     (SubmitError, 422),
     (JobNotFoundError, 404),
     (JobStateError, 409),
+    # A stored record nobody can read: retrying will not help; say which job.
+    (CorruptJobError, 500),
     (BackendError, 503),
     # A manager that stops between the dependency check and the call says so
     # with a ConfigurationError: it is not serving, so the answer is 503.

@@ -6,8 +6,9 @@ import abc
 import asyncio
 import builtins
 import json
+import logging
 import typing
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring as _quote
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from backgrounder.clock import Clock
+from backgrounder.errors import CorruptJobError
 from backgrounder.models import (
     ErrorInfo,
     Job,
@@ -37,9 +39,13 @@ __all__ = [
     "decode_values",
     "encode_field",
     "from_epoch",
+    "read_job",
+    "read_jobs",
     "refuse_missing_required",
     "to_epoch",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _may_be_none(annotation: Any) -> bool:
@@ -197,6 +203,38 @@ def decode_values(values: Sequence[Any]) -> Job:
         return Job.model_validate_json("{" + ",".join(parts) + "}")
     except (_Unusual, ValidationError):
         return decode_row(dict(zip(_FIELD_NAMES, values, strict=True)))
+
+
+#: What decoding a damaged record raises: a value of the wrong kind, bad JSON,
+#: a time out of range, a missing field.
+_UNREADABLE = (ValueError, TypeError, OverflowError, KeyError, IndexError)
+
+
+def read_job(decode: Callable[[Any], Job], record: Any, job_id: Any, store: str) -> Job:
+    """Return ``decode(record)``; raise CorruptJobError naming the job if it fails."""
+    try:
+        return decode(record)
+    except _UNREADABLE as exc:
+        raise CorruptJobError(str(job_id), store, exc) from exc
+
+
+def read_jobs(
+    decode: Callable[[Any], Job], records: Iterable[tuple[Any, Any]], store: str
+) -> builtins.list[Job | None]:
+    """Decode each ``(job_id, record)``; a damaged one is logged and gives None."""
+    jobs: builtins.list[Job | None] = []
+    for job_id, record in records:
+        try:
+            jobs.append(read_job(decode, record, job_id, store))
+        except CorruptJobError as exc:
+            logger.error(
+                "job %s left out: %s",
+                exc.job_id,
+                exc,
+                extra={"event": "store.corrupt_job", "job_id": exc.job_id},
+            )
+            jobs.append(None)
+    return jobs
 
 
 def decode_row(row: Mapping[str, Any]) -> Job:

@@ -26,6 +26,8 @@ from backgrounder.store.base import (
     Update,
     decode_values,
     encode_field,
+    read_job,
+    read_jobs,
     refuse_missing_required,
     to_epoch,
 )
@@ -421,12 +423,12 @@ class SqliteStore(JobStore):
             return job, True
         if row is None:  # pragma: no cover - the key's row vanished mid-transaction
             raise StoreError(f"job {job.id!r} could not be stored in {self.path!r}")
-        return _decode(row), False
+        return self._read(row), False
 
     async def get(self, job_id: str) -> Job | None:
         """Return the job, or None."""
         rows = await self._fetch(_SELECT + " WHERE id = ?", (job_id,))
-        return _decode(rows[0]) if rows else None
+        return self._read(rows[0]) if rows else None
 
     async def get_many(self, job_ids: Sequence[str]) -> builtins.list[Job | None]:
         """Return the jobs in the order of ``job_ids``, in one statement."""
@@ -439,10 +441,20 @@ class SqliteStore(JobStore):
             rows = await self._fetch(
                 _SELECT + f" WHERE id IN ({', '.join('?' * len(chunk))})", chunk
             )
-            for row in rows:
-                job = _decode(row)
-                found[job.id] = job
+            for job in self._read_all(rows):
+                if job is not None:
+                    found[job.id] = job
         return [found.get(job_id) for job_id in ids]
+
+    def _read(self, row: Row) -> Job:
+        """Decode one row; CorruptJobError if it cannot be read."""
+        return read_job(_decode, row, row[1], f"SQLite store {self.path!r}")
+
+    def _read_all(self, rows: Sequence[Row]) -> builtins.list[Job | None]:
+        """Decode rows; one that cannot be read is logged and gives None."""
+        return read_jobs(
+            _decode, ((row[1], row) for row in rows), f"SQLite store {self.path!r}"
+        )
 
     async def _fetch(self, sql: str, args: Collection[Any] = ()) -> builtins.list[Row]:
         values = tuple(args)
@@ -485,7 +497,7 @@ class SqliteStore(JobStore):
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(limit + 1)
         rows = await self._fetch(sql, args)
-        items = [_decode(r) for r in rows[:limit]]
+        items = [job for job in self._read_all(rows[:limit]) if job is not None]
         next_cursor = str(rows[limit - 1][0]) if len(rows) > limit else None
         return JobPage(items=items, next_cursor=next_cursor)
 
@@ -498,7 +510,7 @@ class SqliteStore(JobStore):
         """
         sql, args = self._update_sql(Update(job_id, fields, **expect))
         rows = await self._fetch(sql, args)
-        return _decode(rows[0]) if rows else None
+        return self._read(rows[0]) if rows else None
 
     async def apply(self, update: Update) -> bool:
         """Compare-and-set in one UPDATE, without reading the row back."""
@@ -516,7 +528,7 @@ class SqliteStore(JobStore):
             return [conn.execute(sql, args).fetchone() for sql, args in statements]
 
         rows: builtins.list[Row | None] = await self._run(op)
-        return [None if row is None else _decode(row) for row in rows]
+        return [None if row is None else self._read(row) for row in rows]
 
     def _update_sql(
         self, u: Update, *, returning: bool = True
@@ -560,7 +572,7 @@ class SqliteStore(JobStore):
             "ORDER BY lease_expires_at LIMIT ?",
             (to_epoch(now), limit),
         )
-        return [_decode(r) for r in rows]
+        return [job for job in self._read_all(rows) if job is not None]
 
     async def find_queued(
         self, *, updated_before: datetime | None = None, limit: int = 1000
@@ -575,7 +587,8 @@ class SqliteStore(JobStore):
                 "ORDER BY updated_at LIMIT ?"
             )
             args = (to_epoch(updated_before), limit)
-        return [_decode(r) for r in await self._fetch(sql, args)]
+        rows = await self._fetch(sql, args)
+        return [job for job in self._read_all(rows) if job is not None]
 
     async def count_by_status(self) -> dict[JobStatus, int]:
         """Return counts per status (every status present, zero included)."""

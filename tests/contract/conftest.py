@@ -9,6 +9,7 @@ keys afterwards.
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,3 +134,14 @@ def backends(
         _make_store(backend, tmp_path, fake_server, redis_prefix),
         _make_queue(backend, fake_server, redis_prefix),
     )
+
+
+async def damage(store: JobStore, job_id: str) -> None:
+    """Write a value of the wrong kind into a stored job, as a hand edit would."""
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as conn:
+            conn.execute("UPDATE jobs SET priority = 'high' WHERE id = ?", (job_id,))
+        conn.close()
+    else:
+        assert isinstance(store, RedisStore)
+        await store.client.hset(f"{store.prefix}:job:{job_id}", "priority", "high")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 
 from backgrounder import JobManager, JobStatus, NoopRunner, TaskRegistry
+from backgrounder.errors import CorruptJobError
 from backgrounder.models import Job
 from backgrounder.queue.base import JobQueue
 from backgrounder.store.base import JobStore
 from backgrounder.tasks import RunContext
 from tests.conftest import wait_for
+from tests.contract.conftest import _make_queue, _make_store, damage
 
 
 class FlakyOnce:
@@ -96,3 +100,39 @@ async def test_cancel_of_a_running_job(manager: JobManager) -> None:
 async def test_health_is_ok(manager: JobManager) -> None:
     report = await manager.health()
     assert report["ok"], report
+
+
+async def test_a_damaged_queued_job_does_not_stop_the_rest(
+    backend: str,
+    tmp_path: Path,
+    fake_server: fakeredis.FakeServer,
+    redis_prefix: str,
+) -> None:
+    """A manager starts on a store holding a queued job nobody can read, runs
+    every other job to done, and reading the damaged one names it."""
+    registry = TaskRegistry()
+    registry.add("noop", NoopRunner(sleep_ms=0, stages=1))
+
+    def build(workers: int) -> JobManager:
+        return JobManager(
+            store=_make_store(backend, tmp_path, fake_server, redis_prefix),
+            queue=_make_queue(backend, fake_server, redis_prefix),
+            registry=registry,
+            worker_count=workers,
+            poll_seconds=0.5,
+        )
+
+    first = build(0)
+    await first.start()
+    jobs = [await first.submit("noop", {"i": i}) for i in range(4)]
+    await damage(first.store, jobs[1].id)
+    await first.close()
+    second = build(4)
+    await second.start()
+    try:
+        for job in (jobs[0], jobs[2], jobs[3]):
+            await wait_for(second, job.id, "done")
+        with pytest.raises(CorruptJobError, match=jobs[1].id):
+            await second.get(jobs[1].id)
+    finally:
+        await second.close(drain=False)

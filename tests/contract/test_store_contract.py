@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from backgrounder.errors import CorruptJobError
 from backgrounder.models import (
     Assets,
     ErrorCode,
@@ -31,6 +32,7 @@ from backgrounder.store.base import (
     from_epoch,
 )
 from backgrounder_testing import FakeClock
+from tests.contract.conftest import damage
 
 
 def make_job(clock: FakeClock, **fields: Any) -> Job:
@@ -175,6 +177,24 @@ async def test_errors_set_and_appended_in_one_update_agree(
     assert updated is not None
     assert updated.errors == ([first, second] if append_last else [])
     assert await store.get(job.id) == updated
+
+
+async def test_a_damaged_record_is_named_alone_and_left_out_of_many(
+    store: JobStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job whose record was damaged raises CorruptJobError naming it when read
+    alone; reads of many jobs leave it out, log it, and return the rest."""
+    good, _ = await store.create(make_job(clock))
+    bad, _ = await store.create(make_job(clock))
+    await damage(store, bad.id)
+    with pytest.raises(CorruptJobError, match=bad.id) as raised:
+        await store.get(bad.id)
+    assert raised.value.job_id == bad.id
+    assert "repair or delete" in str(raised.value)
+    assert await store.get_many([bad.id, good.id]) == [None, good]
+    assert (await store.list()).items == [good]
+    assert await store.find_queued() == [good]
+    assert f"job {bad.id} left out" in caplog.text
 
 
 async def test_get_unknown_id_is_none(store: JobStore) -> None:

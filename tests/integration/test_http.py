@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -233,6 +234,27 @@ async def test_http_idempotency_header_and_body_differ_is_422(tmp_path: Path) ->
         )
     assert response.status_code == 422
     assert "differ" in response.json()["detail"]
+
+
+async def test_http_a_damaged_job_is_a_500_naming_it_and_left_out_of_lists(
+    tmp_path: Path,
+) -> None:
+    """A record damaged outside the app answers 500 with the job and what to do
+    (not 422: the client did nothing wrong); lists still show the other jobs."""
+    app, _ = make_app(tmp_path, worker_count=0)
+    async with serve(app) as client:
+        good = (await client.post(API, json={"task": "noop"})).json()
+        bad = (await client.post(API, json={"task": "noop"})).json()
+        with sqlite3.connect(tmp_path / "jobs.db") as conn:
+            conn.execute("UPDATE jobs SET params = '{' WHERE id = ?", (bad["id"],))
+        conn.close()
+        one = await client.get(f"{API}/{bad['id']}")
+        page = await client.get(API)
+    assert one.status_code == 500
+    assert bad["id"] in one.json()["detail"]
+    assert "repair or delete" in one.json()["detail"]
+    assert page.status_code == 200
+    assert [job["id"] for job in page.json()["items"]] == [good["id"]]
 
 
 async def test_http_idempotency_header_is_read_as_utf8(tmp_path: Path) -> None:

@@ -14,7 +14,12 @@ import redis.exceptions as rexc
 
 from backgrounder import JobManager, NoopRunner, TaskRegistry
 from backgrounder.clock import SystemClock
-from backgrounder.errors import ConfigurationError, QueueError, StoreError
+from backgrounder.errors import (
+    ConfigurationError,
+    CorruptJobError,
+    QueueError,
+    StoreError,
+)
 from backgrounder.models import Job
 from backgrounder_redis import RedisQueue, RedisSettings, RedisStore
 from backgrounder_redis._common import translate_errors
@@ -96,7 +101,7 @@ async def test_a_hand_edited_hash_reads_as_an_error_not_as_another_job(
     )
     assert await store.get(job.id) == job
     await client.hset(f"edit:job:{job.id}", field, garbage)
-    with pytest.raises(ValueError):
+    with pytest.raises(CorruptJobError, match="'j1'"):
         await store.get(job.id)
 
 
