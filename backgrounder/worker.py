@@ -90,6 +90,11 @@ class _Execution:
     pending_progress: Progress | None = None
     flush_task: asyncio.Task[None] | None = None
     last_flush: float = -1e18
+    #: Progress events: the last one sent, when, and the newest one held back.
+    evented: Progress | None = None
+    last_event: float = -1e18
+    event_pending: Progress | None = None
+    event_task: asyncio.Task[None] | None = None
     thread_done: asyncio.Event | None = None
     run: asyncio.Future[Any] | None = None
     started_mono: float = 0.0
@@ -768,6 +773,8 @@ class Worker:
                 )
             await self.manager.emit("status", job)
             outcome = await self._run_attempt(execution)
+            # Listeners see the last progress before the attempt's ending.
+            self._flush_progress_event(execution)
             if outcome.kind == "done" and not self._thread_running(execution):
                 # Nothing of the job runs any more and it cannot come back to
                 # the queue: its slot and resources take the next job while the
@@ -791,6 +798,7 @@ class Worker:
                 ),
             )
         finally:
+            self._cancel_progress_event(execution)
             if execution.flush_task is not None:
                 execution.flush_task.cancel()
             # The id may belong to the job's next attempt already (a retry
@@ -1134,14 +1142,60 @@ class Worker:
         if self.manager.events_bus.has_subscribers(execution.job.id) or (
             self.manager._has_event_hooks
         ):
-            snapshot = execution.job.model_copy(update={"progress": progress})
-            task = asyncio.ensure_future(self.manager.emit("progress", snapshot))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._progress_event(execution, progress)
         if execution.flush_task is None:
             execution.flush_task = asyncio.ensure_future(
                 self._flush_progress(execution)
             )
+
+    def _progress_event(self, execution: _Execution, progress: Progress) -> None:
+        """Send a progress event now, or hold it back to coalesce a burst.
+
+        A new stage is sent at once, and so is the first report of an interval
+        (``progress_interval_seconds``); reports within the interval are held
+        back and only the newest is sent at its end. A runner reporting in a
+        tight loop would otherwise send a whole job to every listener per call,
+        and slow itself down by the time they take.
+        """
+        interval = self.settings.progress_interval_seconds
+        wait = execution.last_event + interval - self.clock.monotonic()
+        evented = execution.evented
+        if wait <= 0 or evented is None or evented.stage != progress.stage:
+            self._cancel_progress_event(execution)
+            self._send_progress_event(execution, progress)
+            return
+        execution.event_pending = progress
+        if execution.event_task is None:
+            execution.event_task = asyncio.ensure_future(
+                self._held_progress_event(execution, wait)
+            )
+
+    async def _held_progress_event(self, execution: _Execution, wait: float) -> None:
+        await self.clock.sleep(wait)
+        execution.event_task = None
+        self._flush_progress_event(execution)
+
+    def _flush_progress_event(self, execution: _Execution) -> None:
+        """Send the progress event held back, if any (the attempt ended, say)."""
+        self._cancel_progress_event(execution)
+        progress, execution.event_pending = execution.event_pending, None
+        if progress is not None:
+            self._send_progress_event(execution, progress)
+
+    @staticmethod
+    def _cancel_progress_event(execution: _Execution) -> None:
+        if execution.event_task is not None:
+            execution.event_task.cancel()
+            execution.event_task = None
+
+    def _send_progress_event(self, execution: _Execution, progress: Progress) -> None:
+        execution.event_pending = None
+        execution.evented = progress
+        execution.last_event = self.clock.monotonic()
+        snapshot = execution.job.model_copy(update={"progress": progress})
+        task = asyncio.ensure_future(self.manager.emit("progress", snapshot))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _flush_progress(self, execution: _Execution) -> None:
         """Write the latest progress at most once per progress_interval_seconds."""

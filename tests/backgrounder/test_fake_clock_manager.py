@@ -175,3 +175,43 @@ async def test_fake_clock_own_live_job_is_never_recovered(
     current = await bg_manager.get(job.id)
     assert current.status == JobStatus.running
     assert current.attempt == 1 and not current.errors
+
+
+class TightReporter:
+    """Waits for a listener, then reports progress in a tight loop over stages."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    async def execute(self, job: Job, ctx: RunContext) -> None:
+        await self.go.wait()
+        for stage in (Stage.fetch, Stage.infer):
+            for i in range(1, 1001):
+                await ctx.progress(i / 10, stage, i, 1000)
+
+
+async def test_a_burst_of_progress_reaches_listeners_coalesced_and_in_full(
+    bg_manager: JobManager, bg_clock: FakeClock
+) -> None:
+    """2,000 reports with no time passing reach a listener as one event per new
+    stage and the last report, which comes before the job's ending; the store
+    and the final state hold the last report."""
+    runner = TightReporter()
+    bg_manager.registry.add("tight", runner)
+    job = await bg_manager.submit("tight")
+    await wait_for(bg_manager, job.id, "running")
+    events = []
+    async with asyncio.timeout(10):
+        async for event in bg_manager.events(job.id):
+            events.append(event)
+            if not runner.go.is_set():
+                runner.go.set()
+    progress = [
+        (e.job.progress.stage, e.job.progress.processed)
+        for e in events
+        if e.kind == "progress"
+    ]
+    assert progress == [(Stage.fetch, 1), (Stage.infer, 1), (Stage.infer, 1000)]
+    assert events[-1].kind == "status" and events[-1].job.status == JobStatus.done
+    assert events[-1].job.progress.processed == 1000
+    assert (await bg_manager.get(job.id)).progress.stage == Stage.infer
