@@ -8,9 +8,25 @@ from typing import Any
 
 from backgrounder.errors import InvalidParamsError, ParamsTooLargeError
 
-__all__ = ["check_json", "check_params", "dumps"]
+__all__ = ["check_json", "check_params", "dumps", "json_type"]
 
 _SCALARS = (str, int, bool, type(None))
+
+
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+def json_type(value: Any) -> str:
+    """Name a decoded JSON value's type as JSON does ("an array", "null")."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def dumps(value: Any) -> str:
@@ -73,7 +89,7 @@ def check_params(params: Any, *, max_bytes: int, max_depth: int) -> str:
     """
     if not isinstance(params, dict):
         raise InvalidParamsError(
-            f"params must be a JSON object (got {type(params).__name__}); wrap the "
+            f"params must be a JSON object (got {json_type(params)}); wrap the "
             'value, for example {"items": [...]}'
         )
     check_json(params, path="params", max_depth=max_depth)

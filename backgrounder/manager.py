@@ -415,9 +415,11 @@ class JobManager:
         if idempotency_key is not None and (
             not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 255
         ):
+            shown = repr(idempotency_key)
+            if len(shown) > 60:
+                shown = f"{shown[:57]}... ({len(shown)} characters as shown)"
             raise SubmitError(
-                "idempotency_key must be a string of 1-255 characters "
-                f"(got {idempotency_key!r})"
+                f"idempotency_key must be a string of 1-255 characters (got {shown})"
             )
         if isinstance(resources, dict):
             try:

@@ -88,8 +88,10 @@ def _describe_validation(errors: Sequence[Any]) -> str:
     parts = []
     for error in errors:
         loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
-        message = error.get("msg", "invalid value")
-        if "input" in error and error.get("type") != "missing":
+        message = error.get("msg", "invalid value").removeprefix("Value error, ")
+        # A message of ours already shows the value it got; pydantic's do not.
+        shows_value = "(got " in message
+        if "input" in error and error.get("type") != "missing" and not shows_value:
             value = repr(error["input"])
             if len(value) > 60:
                 value = value[:57] + "..."

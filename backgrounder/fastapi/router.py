@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel, Field
 
+from backgrounder._json import json_type
 from backgrounder.errors import InvalidParamsError, JobNotFoundError, SubmitError
 from backgrounder.fastapi._errors import (
     BackgrounderRoute,
@@ -184,13 +185,13 @@ def _parse_request(body: bytes, max_depth: int) -> tuple[JobRequest, dict[str, A
         ) from None
     if not isinstance(data, dict):
         raise SubmitError(
-            f"the body must be a JSON object (got {type(data).__name__}); send "
+            f"the body must be a JSON object (got {json_type(data)}); send "
             '{"task": "...", "params": {...}}'
         )
     if "params" in data and not isinstance(data["params"], dict):
         raise InvalidParamsError(
             "params must be a JSON object (got "
-            f"{type(data['params']).__name__}); wrap the value, for example "
+            f"{json_type(data['params'])}); wrap the value, for example "
             '{"items": [...]}'
         )
     return JobRequest.model_validate(data), data

@@ -286,14 +286,41 @@ async def test_http_idempotency_header_is_read_as_utf8(tmp_path: Path) -> None:
     assert "not UTF-8" in latin1.json()["detail"]
 
 
+async def test_http_a_refused_value_is_shown_once_and_cut_short(
+    tmp_path: Path,
+) -> None:
+    """A refused value appears once in the detail, and a huge one is cut short
+    with its length, not echoed back whole."""
+    app, _ = make_app(tmp_path, worker_count=0)
+    async with serve(app) as client:
+        high = await client.post(API, json={"task": "noop", "priority": "high"})
+        in_body = await client.post(
+            API, json={"task": "noop", "idempotency_key": "k" * 5000}
+        )
+        in_header = await client.post(
+            API, json={"task": "noop"}, headers={"Idempotency-Key": "k" * 5000}
+        )
+    assert high.status_code == in_body.status_code == in_header.status_code == 422
+    assert high.json()["detail"].count("(got 'high')") == 1
+    assert "Value error" not in high.json()["detail"]
+    for response in (in_body, in_header):
+        detail = response.json()["detail"]
+        assert len(detail) < 200 and "255 characters" in detail
+    assert "5002 characters as shown" in in_header.json()["detail"]
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
         (b'{"task": "nope"}', "registered tasks: 'boom', 'noop'"),
         (b'{"task": "noop", "params": [1, 2]}', "params must be a JSON object"),
-        (b'{"task": "noop", "params": "x"}', "params must be a JSON object"),
+        (b'{"task": "noop", "params": "x"}', "JSON object (got a string)"),
+        (b'{"task": "noop", "params": null}', "JSON object (got null)"),
         (b'{"task": "noop", "priority": 101}', "priority"),
-        (b'{"task": "noop", "priority": "high"}', "priority"),
+        (
+            b'{"task": "noop", "priority": "high"}',
+            "priority: priority must be an integer 0-100 (got 'high')",
+        ),
         (b'{"task": "noop", "colour": "red"}', "colour"),
         (b'{"task": "noop", "timeout_seconds": -1}', "timeout_seconds"),
         (b'{"params": {}}', "task"),
@@ -301,13 +328,14 @@ async def test_http_idempotency_header_is_read_as_utf8(tmp_path: Path) -> None:
         (b'{"task": "noop", "params": {"x": -Infinity}}', "Infinity"),
         (b'{"task": "noop",', "not valid JSON"),
         (b"", "empty"),
-        (b"[1, 2]", "must be a JSON object"),
+        (b"[1, 2]", "must be a JSON object (got an array)"),
         (b'{"task": "noop", "resources": {"memory_mb": -5}}', "memory_mb"),
     ],
     ids=[
         "unknown-task",
         "params-list",
         "params-string",
+        "params-null",
         "priority-range",
         "priority-type",
         "unknown-field",
