@@ -252,21 +252,14 @@ class Worker:
         self._held.clear()
         if not held:
             return
-        store, queue = self.manager.store, self.manager.queue
         try:
-            jobs = await store.get_many(held)
+            jobs = await self.manager.store.get_many(held)
             for job_id, job in zip(held, jobs, strict=True):
-                await queue.ack(job_id)
                 if job is None or job.status != JobStatus.queued:
+                    await self.manager.queue.ack(job_id)
                     continue
-                await queue.push(job_id, priority=job.priority)
-                logger.info(
-                    "job %s: claimed as the worker stopped, before it started; "
-                    "queued again",
-                    job_id,
-                    extra=job_log_extra(
-                        job, event="job.requeued", worker_id=self.worker_id
-                    ),
+                await self._put_back(
+                    job, "claimed as the worker stopped, before it started"
                 )
         except BackendError as exc:
             logger.warning(
@@ -285,7 +278,7 @@ class Worker:
         makes a job running and its launch; without this the job would wait for
         its lease to run out and be charged an attempt as ``worker_lost``.
         """
-        store, queue = self.manager.store, self.manager.queue
+        store = self.manager.store
         horizon = self.clock.now() + timedelta(seconds=2 * self.settings.lease_seconds)
         try:
             candidates = await store.find_expired(horizon, limit=1000)
@@ -306,15 +299,8 @@ class Worker:
                 )
                 if restored is None:
                     continue
-                await queue.ack(job.id)
-                await queue.push(job.id, priority=job.priority)
-                logger.info(
-                    "job %s: claimed as the worker stopped; queued again, no "
-                    "attempt charged",
-                    job.id,
-                    extra=job_log_extra(
-                        job, event="job.requeued", worker_id=self.worker_id
-                    ),
+                await self._put_back(
+                    job, "claimed as the worker stopped; no attempt charged"
                 )
         except BackendError as exc:
             logger.warning(
@@ -324,6 +310,18 @@ class Worker:
                 exc,
                 extra={"event": "worker.stop_failed", "worker_id": self.worker_id},
             )
+
+    async def _put_back(self, job: Job, why: str) -> None:
+        """Close the job's claim and queue it again at once; log why."""
+        queue = self.manager.queue
+        await queue.ack(job.id)
+        await queue.push(job.id, priority=job.priority)
+        logger.info(
+            "job %s: %s; queued again",
+            job.id,
+            why,
+            extra=job_log_extra(job, event="job.requeued", worker_id=self.worker_id),
+        )
 
     async def _wait_idle(self, seconds: float) -> None:
         tasks = set(self._tasks)
