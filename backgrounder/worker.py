@@ -161,6 +161,9 @@ class Worker:
         self._free = self.concurrency
         #: Ids claimed by a batch still at work: what a stop leaves with nobody.
         self._held: set[str] = set()
+        #: Attempts whose running write failed without an answer: it may have
+        #: landed, leaving the job running here with nothing running it.
+        self._unconfirmed: dict[str, int] = {}
         self._slot_freed = asyncio.Event()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -451,6 +454,8 @@ class Worker:
             taken, self._free = self._free, 0
             batch = _Batch()
             try:
+                if self._unconfirmed:
+                    await self._settle_unconfirmed()
                 await self._claim_batch(taken, batch)
                 backoff = 0.1
             except BackendError as exc:
@@ -469,6 +474,41 @@ class Worker:
                 for _ in range(taken - batch.started):
                     self._release_slot()
             self._loop_error = None
+
+    async def _settle_unconfirmed(self) -> None:
+        """Queue again the jobs whose running write landed unanswered.
+
+        Such a job is running under this worker in the store while nothing runs
+        it; left alone it would wait for its whole lease and be charged an
+        attempt as ``worker_lost``. Raises BackendError while the store is down
+        (the claim loop backs off and tries again).
+        """
+        pending = dict(self._unconfirmed)
+        jobs = await self.manager.store.get_many(list(pending))
+        for job in jobs:
+            if job is None or job.id in self.running:
+                continue
+            if job.status != JobStatus.running or job.attempt != pending[job.id]:
+                continue
+            restored = await self.manager.store.update(
+                job.id,
+                {
+                    "status": JobStatus.queued,
+                    "worker_id": None,
+                    "started_at": None,
+                    "lease_expires_at": None,
+                },
+                expect_status=_RUNNING,
+                expect_attempt=job.attempt,
+                expect_worker=self.worker_id,
+            )
+            if restored is not None:
+                await self._put_back(
+                    restored,
+                    "its start was stored but not confirmed; no attempt charged",
+                )
+        for job_id in pending:
+            self._unconfirmed.pop(job_id, None)
 
     async def _claim_batch(self, limit: int, batch: _Batch) -> None:
         """Claim, admit and start up to ``limit`` jobs, counted in ``batch``.
@@ -586,7 +626,12 @@ class Worker:
             admitted.append((job, spec, reservation))
         try:
             if admitted:
-                results = await self._mark_running([job for job, _, _ in admitted])
+                starting = [job for job, _, _ in admitted]
+                try:
+                    results = await self._mark_running(starting)
+                except BackendError:
+                    self._unconfirmed.update({j.id: j.attempt for j in starting})
+                    raise
                 for (job, spec, reservation), running in zip(
                     admitted, results, strict=True
                 ):

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from backgrounder import Job, JobStatus, TaskRegistry
+from backgrounder import Job, JobManager, JobStatus, NoopRunner, TaskRegistry
+from backgrounder.errors import StoreError
 from backgrounder_testing import FakeClock
 from tests.backgrounder.casekit import Probe, started
 from tests.conftest import ManagerFactory, wait_for
@@ -173,3 +174,39 @@ async def test_shutdown_before_a_claimed_job_is_started_queues_it_at_once(
     done = await wait_for(again, job.id, "done")
     assert (done.attempt, done.errors) == (1, [])
     assert probe.runs["j"] == 1
+
+
+async def test_a_start_stored_but_unanswered_is_queued_again_at_once(
+    tmp_path: Any,
+) -> None:
+    """A running write that lands but whose answer is lost (the store went away
+    mid-call) leaves no job stranded for its lease: once the store answers, the
+    worker queues it again, uncharged, and it runs."""
+    registry = TaskRegistry()
+    registry.add("noop", NoopRunner(sleep_ms=0, stages=1))
+    manager = JobManager(
+        db_path=tmp_path / "jobs.db",
+        registry=registry,
+        worker_count=1,
+        lease_seconds=120,
+        poll_seconds=0.5,
+    )
+    await manager.start()
+    try:
+        real = manager.store.update_many
+        lost: list[str] = []
+
+        async def lands_unanswered(updates: Any) -> Any:
+            results = await real(updates)
+            if not lost:
+                lost.extend(u.job_id for u in updates)
+                raise StoreError("the connection closed before the answer")
+            return results
+
+        manager.store.update_many = lands_unanswered  # type: ignore[method-assign]
+        job = await manager.submit("noop")
+        done = await wait_for(manager, job.id, "done", timeout=10)
+    finally:
+        await manager.close()
+    assert lost == [job.id]
+    assert done.attempt == 1 and done.errors == []
