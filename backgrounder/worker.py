@@ -281,29 +281,14 @@ class Worker:
         makes a job running and its launch; without this the job would wait for
         its lease to run out and be charged an attempt as ``worker_lost``.
         """
-        store = self.manager.store
         horizon = self.clock.now() + timedelta(seconds=2 * self.settings.lease_seconds)
         try:
-            candidates = await store.find_expired(horizon, limit=1000)
+            candidates = await self.manager.store.find_expired(horizon, limit=1000)
             for job in candidates:
                 if job.worker_id != self.worker_id or job.id in self.running:
                     continue
-                restored = await store.update(
-                    job.id,
-                    {
-                        "status": JobStatus.queued,
-                        "worker_id": None,
-                        "started_at": None,
-                        "lease_expires_at": None,
-                    },
-                    expect_status={JobStatus.running},
-                    expect_attempt=job.attempt,
-                    expect_worker=self.worker_id,
-                )
-                if restored is None:
-                    continue
-                await self._put_back(
-                    job, "claimed as the worker stopped; no attempt charged"
+                await self._unstart(
+                    job.id, job.attempt, "claimed as the worker stopped"
                 )
         except BackendError as exc:
             logger.warning(
@@ -313,6 +298,24 @@ class Worker:
                 exc,
                 extra={"event": "worker.stop_failed", "worker_id": self.worker_id},
             )
+
+    async def _unstart(self, job_id: str, attempt: int, why: str) -> None:
+        """Queue again, uncharged, an attempt the store shows running here that
+        nothing runs (the compare-and-set finds nothing when that is not so)."""
+        restored = await self.manager.store.update(
+            job_id,
+            {
+                "status": JobStatus.queued,
+                "worker_id": None,
+                "started_at": None,
+                "lease_expires_at": None,
+            },
+            expect_status=_RUNNING,
+            expect_attempt=attempt,
+            expect_worker=self.worker_id,
+        )
+        if restored is not None:
+            await self._put_back(restored, f"{why}; no attempt charged")
 
     async def _put_back(self, job: Job, why: str) -> None:
         """Close the job's claim and queue it again at once; log why."""
@@ -484,28 +487,10 @@ class Worker:
         (the claim loop backs off and tries again).
         """
         pending = dict(self._unconfirmed)
-        jobs = await self.manager.store.get_many(list(pending))
-        for job in jobs:
-            if job is None or job.id in self.running:
-                continue
-            if job.status != JobStatus.running or job.attempt != pending[job.id]:
-                continue
-            restored = await self.manager.store.update(
-                job.id,
-                {
-                    "status": JobStatus.queued,
-                    "worker_id": None,
-                    "started_at": None,
-                    "lease_expires_at": None,
-                },
-                expect_status=_RUNNING,
-                expect_attempt=job.attempt,
-                expect_worker=self.worker_id,
-            )
-            if restored is not None:
-                await self._put_back(
-                    restored,
-                    "its start was stored but not confirmed; no attempt charged",
+        for job_id, attempt in pending.items():
+            if job_id not in self.running:
+                await self._unstart(
+                    job_id, attempt, "its start was stored but not confirmed"
                 )
         for job_id in pending:
             self._unconfirmed.pop(job_id, None)

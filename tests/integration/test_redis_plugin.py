@@ -117,11 +117,12 @@ async def test_b32_read_only_reply_becomes_a_store_error_and_drops_connections()
     class Client:
         connection_pool = Pool()
 
+    client: Any = Client()
     with pytest.raises(StoreError, match="read-only"):
-        async with translate_errors(Client(), StoreError, "store", "redis://h/0"):  # type: ignore[arg-type]
+        async with translate_errors(client, StoreError, "store", "redis://h/0"):
             raise rexc.ReadOnlyError("You can't write against a read only replica.")
     with pytest.raises(QueueError, match="read-only"):
-        async with translate_errors(Client(), QueueError, "queue", "redis://h/0"):  # type: ignore[arg-type]
+        async with translate_errors(client, QueueError, "queue", "redis://h/0"):
             raise rexc.ResponseError("READONLY You can't write against a replica.")
     assert Pool.disconnected == 2
 
